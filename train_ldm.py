@@ -1,9 +1,9 @@
 """Trains PhraseLDM on a song-latent dataset; resumes from the workdir's latest checkpoint.
 
-  python train_ldm.py --config configs/ldm_lencond.py --workdir /work/runs/ldm_lencond
-  python train_ldm.py --config configs/ldm_lencond.py:small --workdir /work/runs/ldm_small \\
-      --config.data.latent_dir /work/data_cache/pop909_latents \\
-      --config.vae.workdir /work/data_cache/pop909_vae
+  python train_ldm.py --config configs/ldm_lencond.py --workdir runs/ldm_lencond
+  python train_ldm.py --config configs/ldm_lencond.py:small --workdir runs/ldm_small \\
+      --config.data.latent_dir data_cache/pop909_latents \\
+      --config.vae.workdir data_cache/pop909_vae
 
 The same loop as the VAE (``trainer.run``): mesh, sharded jitted step, Orbax checkpoints of
 the train state and the Grain iterator, metrics in ``<workdir>/metrics.jsonl`` and TensorBoard.

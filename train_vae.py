@@ -1,7 +1,7 @@
 """Trains one PhraseVAE stage, then scores its best checkpoint on the test split.
 
-  python train_vae.py --config configs/vae_stage3.py:small --workdir /work/runs/vae_small_stage3 \
-      --config.train.init_from /work/runs/vae_small_stage2
+  python train_vae.py --config configs/vae_stage3.py:small --workdir runs/vae_small_stage3 \
+      --config.train.init_from runs/vae_small_stage2
 
 Resumes from the workdir's latest checkpoint when there is one. Writes TensorBoard events and
 metrics.jsonl (trainer), and ``test_metrics.json``: F1op / F1opd / F1iopd, loss and token

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import paths
 from phraseldm_jax import trainer
 
 SIZES = ("", "paper", "small", "tiny")
@@ -61,7 +62,7 @@ def ldm_config(
     config.model.diffusion_steps = 1000
 
     config.data = ml_collections.ConfigDict()
-    config.data.latent_dir = "/work/data_cache/pop909_latents"  # latent_records dataset folder
+    config.data.latent_dir = paths.POP909_LATENTS  # latent_records dataset folder
     config.data.train_split = "train"
     config.data.eval_split = "validation"  # validation loss
     config.data.batch_size = 128  # global batch
@@ -72,7 +73,7 @@ def ldm_config(
     config.data.worker_count = 0  # Grain worker processes (0 = in the training process)
 
     config.vae = ml_collections.ConfigDict()
-    config.vae.workdir = "/work/data_cache/pop909_vae"  # the PhraseVAE that made the latents
+    config.vae.workdir = paths.POP909_VAE  # the PhraseVAE that made the latents
     config.vae.checkpoint = "best"  # which of its checkpoints decodes ("best" | "latest")
 
     config.optim.name = "adamw"

@@ -1,8 +1,8 @@
 """PhraseLDM, length-conditioned (the paper's recipe; ``:small`` / ``:tiny`` for CPU runs).
 
-  python train_ldm.py --config configs/ldm_lencond.py --workdir /work/runs/ldm_lencond
+  python train_ldm.py --config configs/ldm_lencond.py --workdir runs/ldm_lencond
   python train_ldm.py --config configs/ldm_lencond.py:small --workdir ... \\
-      --config.data.latent_dir /work/data_cache/pop909_latents --config.vae.workdir ...
+      --config.data.latent_dir data_cache/pop909_latents --config.vae.workdir ...
 """
 
 from configs import ldm_common

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import paths
 from phraseldm_jax import trainer
 
 SIZES = ("", "paper", "small", "tiny")
 STAGE_HEADS = {1: "full_sequence", 2: "query", 3: "vae"}
 STAGE_DATASETS = {1: "bars", 2: "phrases", 3: "phrases"}
-POP909_DATA_DIR = "/work/data_cache/pop909"
+POP909_DATA_DIR = paths.POP909_SONGS
 
 
 def t5_fields(d_model: int, d_ff: int, d_kv: int, num_heads: int, layers: int) -> dict:

@@ -1,7 +1,7 @@
 """PhraseVAE stage 1: span-infill pretraining of the T5 on bar lines.
 
-python train_vae.py --config configs/vae_stage1.py --workdir /work/runs/vae_stage1
-python train_vae.py --config configs/vae_stage1.py:small --workdir /work/runs/vae_small_stage1
+python train_vae.py --config configs/vae_stage1.py --workdir runs/vae_stage1
+python train_vae.py --config configs/vae_stage1.py:small --workdir runs/vae_small_stage1
 python train_vae.py --config configs/vae_stage1.py:tiny --workdir /tmp/vae_tiny  # synthetic data
 """
 

@@ -1,9 +1,9 @@
 """PhraseVAE stage 3: the 64-d VAE on phrase lines, T5 from stage 2.
 
-  python train_vae.py --config configs/vae_stage3.py --workdir /work/runs/vae_stage3 \\
-      --config.train.init_from /work/runs/vae_stage2
-  python train_vae.py --config configs/vae_stage3.py:small --workdir /work/runs/vae_small_stage3 \\
-      --config.train.init_from /work/runs/vae_small_stage2
+  python train_vae.py --config configs/vae_stage3.py --workdir runs/vae_stage3 \\
+      --config.train.init_from runs/vae_stage2
+  python train_vae.py --config configs/vae_stage3.py:small --workdir runs/vae_small_stage3 \\
+      --config.train.init_from runs/vae_small_stage2
   python train_vae.py --config configs/vae_stage3.py:tiny --workdir /tmp/vae_tiny  # synthetic data
 """
 

@@ -1,7 +1,7 @@
 """Build the songs / phrases / bars datasets from a raw corpus, with a summary.
 
   python -m input_pipeline.prepare --source pop909 --input ../shared/data/pop909 \\
-      --data_dir /work/data_cache/pop909
+      --data_dir data_cache/pop909
   python -m input_pipeline.prepare --source midi --input <folder> --data_dir <dir> \\
       [--programs 0,25,13] [--drums] [--name_regex 'piano|melody'] [--max_tracks 3] \\
       [--program_map 1:0,2:0] [--slot_programs 13,25,0] [--no_key_norm]

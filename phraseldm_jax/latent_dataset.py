@@ -1,7 +1,7 @@
 """Builds the song-latent dataset PhraseLDM trains on, with a trained PhraseVAE.
 
-  python -m phraseldm_jax.latent_dataset --vae_workdir /work/runs/vae_small_stage3 \\
-      --data_dir /work/data_cache/pop909 --out /work/data_cache/pop909_latents \\
+  python -m phraseldm_jax.latent_dataset --vae_workdir runs/vae_small_stage3 \\
+      --data_dir data_cache/pop909 --out data_cache/pop909_latents \\
       [--slot_order pitch_order|fixed] [--checkpoint best|latest] [--overwrite]
 
 Every song of the ``songs`` dataset becomes its slot sequence (SPEC section 3): per bar the

@@ -1,0 +1,34 @@
+"""Default locations of datasets and runs, in one place.
+
+Everything defaults to folders inside the checkout (``data_cache/`` and ``runs/``, both
+git-ignored) and can be moved with environment variables, so that configs never name a
+machine's paths:
+
+- ``PHRASELDM_DATA``: prepared datasets (``<PHRASELDM_DATA>/pop909`` from
+  ``input_pipeline.prepare``, ``<PHRASELDM_DATA>/pop909_latents`` from
+  ``phraseldm_jax.latent_dataset``);
+- ``PHRASELDM_RUNS``: training workdirs (``<PHRASELDM_RUNS>/vae_stage3`` is the PhraseVAE whose
+  latents the LDM configs expect);
+- ``PHRASELDM_POP909``: the raw POP909 folder (default ``../shared/data/pop909`` next to the
+  checkout, where it sits on the project's machines).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _from_env(variable: str, default: Path) -> str:
+    return str(Path(os.environ.get(variable) or default))
+
+
+DATA_ROOT = _from_env("PHRASELDM_DATA", REPO_ROOT / "data_cache")
+RUNS_ROOT = _from_env("PHRASELDM_RUNS", REPO_ROOT / "runs")
+RAW_POP909 = _from_env("PHRASELDM_POP909", REPO_ROOT.parent / "shared" / "data" / "pop909")
+
+POP909_SONGS = os.path.join(DATA_ROOT, "pop909")  # songs / phrases / bars datasets
+POP909_LATENTS = os.path.join(DATA_ROOT, "pop909_latents")  # the LDM's latent dataset
+POP909_VAE = os.path.join(RUNS_ROOT, "vae_stage3")  # the PhraseVAE that made those latents
