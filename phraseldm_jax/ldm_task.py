@@ -149,7 +149,9 @@ def sampler_settings(eval_config) -> sampling.SamplerSettings:
         num_steps=int(eval_config.num_steps),
         guidance_scale=float(eval_config.guidance_scale),
         eta=float(eval_config.eta),
+        timestep_spacing=eval_config.get("timestep_spacing") or None,
         clip=eval_config.clip,
+        clipped_eps=bool(eval_config.get("clipped_eps", False)),
     )
 
 

@@ -166,7 +166,9 @@ def predict_noise(
 class SamplerSettings:
     """How to sample. ``guidance_scale`` 1.0 = the conditional model alone; any other value
     runs classifier-free guidance eps_null + w * (eps_cond - eps_null) (0 = unconditional),
-    which needs a model trained with condition dropout."""
+    which needs a model trained with condition dropout. ``clipped_eps``: how a clipped x0
+    enters the ddim / dpmpp_2m update (``diffusion.sample_loop``; False keeps the model's
+    eps, which on our trained model keeps the latents in range)."""
 
     sampler: str = "ddpm"
     num_steps: int = diffusion.NUM_TRAIN_STEPS
@@ -174,6 +176,7 @@ class SamplerSettings:
     eta: float = 0.0
     timestep_spacing: str | None = None
     clip: str = "scaled"
+    clipped_eps: bool = False
 
     def __post_init__(self):
         if self.sampler not in diffusion.SAMPLERS:
@@ -228,6 +231,7 @@ def _sample_fn(config: PhraseLDMConfig, settings: SamplerSettings, batch_shardin
             num_steps=settings.num_steps,
             key=loop_key,
             clip_range=clip_range,
+            clipped_eps=settings.clipped_eps,
             eta=settings.eta,
             timestep_spacing=settings.timestep_spacing,
             guidance_scale=settings.guidance_scale if settings.guided else None,

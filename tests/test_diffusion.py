@@ -316,9 +316,85 @@ def test_dpmpp_2m_loop_matches_diffusers(num_steps, spacing, clip, atol):
         sampler="dpmpp_2m",
         num_steps=num_steps,
         clip_range=clip,
+        clipped_eps=True,  # diffusers' thresholding keeps x: the eps of the clipped x0
         timestep_spacing=spacing,
     )
     np.testing.assert_allclose(np.asarray(ours), expected, atol=atol)
+
+
+# The clipping tests need a denoiser that mixes positions: with an elementwise one a clipped
+# element stays clipped to the end and both clipping forms give the same final sample.
+def _mixing_eps_jax(x, t):
+    return _fake_eps_jax(x, t) + 0.3 * jnp.roll(x, 1, axis=-1)
+
+
+def _mixing_eps_torch(x, t):
+    return _fake_eps_torch(x, t) + 0.3 * _torch().roll(x, 1, dims=-1)
+
+
+def test_ddim_clipped_eps_matches_diffusers_use_clipped_model_output():
+    torch = _torch()
+    sched_mod = _diffusers_schedulers()
+    x_T = _rand(16, scale=2.0)
+    ref = sched_mod.DDIMScheduler(
+        beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=0.5
+    )
+    ref.set_timesteps(20)
+    kwargs = {"use_clipped_model_output": True}
+    expected = _diffusers_loop(ref, torch.from_numpy(x_T), _mixing_eps_torch, lambda i: kwargs)
+    ours = diffusion.sample_loop(
+        _mixing_eps_jax,
+        jnp.asarray(x_T),
+        sampler="ddim",
+        num_steps=20,
+        clip_range=0.5,
+        clipped_eps=True,
+        timestep_spacing="leading",
+    )
+    np.testing.assert_allclose(np.asarray(ours), expected.numpy(), atol=2e-5)
+    plain = diffusion.sample_loop(
+        _mixing_eps_jax,
+        jnp.asarray(x_T),
+        sampler="ddim",
+        num_steps=20,
+        clip_range=0.5,
+        timestep_spacing="leading",
+    )
+    assert not np.allclose(np.asarray(plain), expected.numpy(), atol=1e-2)
+
+
+def _ddim_chain(x, timesteps, clip, clipped_eps):
+    """DDIM steps t_0 -> t_1 -> ... -> -1 (alphas_cumprod = 1), one fake-model call each."""
+    prev = list(timesteps[1:]) + [-1]
+    for t, t_prev in zip(timesteps, prev):
+        eps = _mixing_eps_jax(x, jnp.full((x.shape[0],), int(t), jnp.int32))
+        x, _ = diffusion.ddim_step(
+            x, eps, int(t), int(t_prev), clip_range=clip, use_clipped_model_output=clipped_eps
+        )
+    return x
+
+
+@pytest.mark.parametrize("clipped_eps", [False, True])
+def test_first_order_dpmpp_with_clipping_is_ddim_on_the_same_timesteps(clipped_eps):
+    """With 2 steps both DPM++ steps are first order, i.e. DDIM steps. A DPM++ that clips x0
+    but keeps x (the eps of the clipped x0) is DDIM with use_clipped_model_output; our default
+    must be DDIM's default (the model's eps), as the ddim sampler does, whatever the clip."""
+    x_T = jnp.asarray(_rand(17, scale=2.0))
+    clip = 0.5  # active at both steps
+    ours = diffusion.sample_loop(
+        _mixing_eps_jax,
+        x_T,
+        sampler="dpmpp_2m",
+        num_steps=2,
+        clip_range=clip,
+        clipped_eps=clipped_eps,
+        timestep_spacing="leading",
+    )
+    timesteps = diffusion.dpm_solver_timesteps(2, "leading")
+    expected = _ddim_chain(x_T, timesteps, clip, clipped_eps)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=1e-5)
+    other = _ddim_chain(x_T, timesteps, clip, not clipped_eps)
+    assert not np.allclose(np.asarray(ours), np.asarray(other), atol=1e-3)
 
 
 def test_dpmpp_tables_first_and_last_steps_are_first_order():

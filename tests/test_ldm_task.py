@@ -237,3 +237,14 @@ def test_evaluate_checkpoint_with_another_sampler(dataset, tmp_path):
     assert {"loss", "srs", "length_accuracy", "sample_seconds", "eval_seconds"} <= set(result)
     assert "ssm_first_song" not in result  # images are left out of the summary
     json.dumps(result)
+
+
+def test_sampler_settings_read_optional_eval_keys(dataset):
+    config = _config(dataset[2])
+    config.eval.sampler, config.eval.num_steps = "dpmpp_2m", 20
+    plain = ldm_task.sampler_settings(config.eval)
+    assert plain.timestep_spacing is None and plain.clipped_eps is False
+    config.eval.update({"timestep_spacing": "leading", "clipped_eps": True})
+    settings = ldm_task.sampler_settings(config.eval)
+    assert settings.timestep_spacing == "leading" and settings.clipped_eps is True
+    assert settings.sampler == "dpmpp_2m" and settings.num_steps == 20
