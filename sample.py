@@ -13,6 +13,14 @@ before anything is loaded or computed; a bad one exits with status 2 and says wh
 
 Output: ``song_000.mid`` ... (the original writes 90 bpm), ``song_000.txt`` ... (the REMI-z
 song strings, untransposed) and ``summary.json`` (bars per song, settings, seed, timings).
+
+Song length: as in the original (SPEC section 7), a song is the bars before the first decoded
+``[SEP]``, so it can be shorter than ``--bars`` when the model ends it early (an undertrained
+model does; ``summary.json`` has the bars of every song). ``--force_length`` (off by default)
+instead reads exactly the requested bars by position from the 4-latents-per-bar layout, whatever
+the model marked as the end: no note is invented, bars past the model's end are usually
+silent, and the MIDI file lasts to the end of the last bar; ``bars_before_sep`` in the summary
+keeps the length the model generated.
 """
 
 from __future__ import annotations
@@ -71,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tempo", type=float, default=90.0, help="bpm written into the MIDI files")
     p.add_argument("--batch_size", type=int, default=8, help="songs sampled together")
     p.add_argument("--max_decode_length", type=int, default=128, help="tokens per phrase")
+    p.add_argument(
+        "--force_length",
+        action="store_true",
+        help="write exactly the requested bars, read by position from the latent layout, even "
+        "where the model ended the song earlier (those bars are usually silent); off: a song "
+        "ends at its first [SEP] as in the original",
+    )
     return p
 
 
@@ -121,6 +136,8 @@ def check_model(parser, args, ldm_cfg) -> None:
         parser.error(f"--bars given but {args.checkpoint} is not length-conditioned")
     if args.guidance != 1.0 and not (ldm_cfg.length_control or ldm_cfg.sec_control):
         parser.error("--guidance needs a conditional model")
+    if args.force_length and args.bars is None and args.plan is None and not ldm_cfg.length_control:
+        parser.error("--force_length needs --bars or --plan (the model has no length condition)")
     max_bars = ldm_cfg.dit.sample_size // 4  # 4 latents per bar
     bars = args.section_plan.n_bars if args.section_plan is not None else args.bars
     if bars is not None and bars > max_bars:
@@ -156,6 +173,9 @@ def run(args, model, decoder, log=print) -> dict:
         target = (
             args.section_plan.n_bars if args.section_plan else min(64, ldm_cfg.dit.sample_size // 4)
         )
+    forced_bars = None
+    if args.force_length:
+        forced_bars = target if target is not None else args.section_plan.n_bars
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     sampler = sampling.LatentSampler(ldm_cfg, settings, mesh)
     os.makedirs(args.out, exist_ok=True)
@@ -168,11 +188,12 @@ def run(args, model, decoder, log=print) -> dict:
         t0 = time.perf_counter()
         latents = sampler(params, jax.random.fold_in(jax.random.PRNGKey(args.seed), index), cond)
         t1 = time.perf_counter()
-        songs = sampling.decode_songs(decoder, latents)
+        songs = sampling.decode_songs(decoder, latents, forced_bars)
         t2 = time.perf_counter()
         for offset, song in enumerate(songs):
             name = f"song_{start + offset:03d}"
             entry = {"file": f"{name}.mid", "text_file": f"{name}.txt", "n_bars": song.n_bars}
+            entry["bars_before_sep"] = song.bars_before_sep
             entry["error"] = song.error
             write_text(os.path.join(args.out, f"{name}.txt"), song.text + "\n")
             if song.multitrack is not None:
@@ -181,6 +202,7 @@ def run(args, model, decoder, log=print) -> dict:
                     os.path.join(args.out, entry["file"]),
                     tempo=args.tempo,
                     semitones=args.semitones,
+                    keep_silent_bars=args.force_length,
                 )
             else:
                 entry["file"] = None
@@ -195,6 +217,11 @@ def run(args, model, decoder, log=print) -> dict:
     bar.close()
     bars = [s["n_bars"] for s in songs_out]
     log(f"{len(songs_out)} songs, bars {bars}, written to {args.out}")
+    if target is not None and not args.force_length and any(b != target for b in bars):
+        log(
+            f"the model ended some songs before the requested {target} bars (its [SEP] came "
+            "early); --force_length writes the requested bars by position"
+        )
     return {
         "checkpoint": os.path.abspath(args.checkpoint),
         "format": model.format,
@@ -206,6 +233,7 @@ def run(args, model, decoder, log=print) -> dict:
             "eta": settings.eta,
             "clip": settings.clip,
             "target_bars": target,
+            "force_length": args.force_length,
             "plan": args.section_plan.to_string() if args.section_plan else None,
             "key": args.key,
             "semitones": args.semitones,

@@ -45,6 +45,7 @@ from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.sharding import BATCH_AXES
 
 CLIP_MODES = ("scaled", "reference", "none")
+SLOTS_PER_BAR = 4  # three track slots and the bar slot (ARCHITECTURE.md, song latent layout)
 REFERENCE_TEMPO = 90.0  # bpm the original writes into its MIDI files
 
 
@@ -361,35 +362,65 @@ class VAEDecoder:
 @dataclasses.dataclass
 class Song:
     """One decoded song. ``slots``: the decoded phrase of every latent; ``text``: the REMI-z
-    song string (up to the first ``[SEP]``); ``n_bars``: its ``b-1`` count; ``multitrack``:
-    None when remi-z could not read ``text`` (``error`` says why)."""
+    song string (up to the first ``[SEP]``, or ``n_bars`` bars read by position when the
+    length was forced); ``n_bars``: its ``b-1`` count; ``multitrack``: None when remi-z could
+    not read ``text`` (``error`` says why); ``bars_before_sep``: the ``b-1`` count before the
+    first ``[SEP]``, the length the model itself generated (equal to ``n_bars`` unless
+    forced)."""
 
     slots: list[str]
     text: str
     n_bars: int
     multitrack: MultiTrack | None
     error: str = ""
+    bars_before_sep: int = 0
 
 
-def song_from_slots(slots: Sequence[str]) -> Song:
-    """Decoded slot strings -> Song (SPEC section 7)."""
-    text = phrases.slots_to_remiz(slots)
-    n_bars = text.split().count(phrases.BAR_TOKEN)
+def forced_length_text(slots: Sequence[str], n_bars: int) -> str:
+    """Exactly ``n_bars`` bars read by position from the song layout: bar k is the tokens of
+    slots 4k..4k+2 (the track slots) followed by ``b-1``. Special tokens in those slots
+    (``[SEP]``, ``[INST]``, ...) and stray ``b-1`` count as nothing, so a bar the model left
+    empty or marked as past the end is an empty (silent) bar; the bar-slot latents are not read.
+    """
+    if n_bars * SLOTS_PER_BAR > len(slots):
+        raise ValueError(f"{n_bars} bars need {n_bars * SLOTS_PER_BAR} slots, got {len(slots)}")
+    tokens: list[str] = []
+    for bar in range(n_bars):
+        for text in slots[bar * SLOTS_PER_BAR : bar * SLOTS_PER_BAR + SLOTS_PER_BAR - 1]:
+            tokens += [
+                token
+                for token in phrases.as_text(text).split()
+                if token != phrases.BAR_TOKEN and not token.startswith("[")
+            ]
+        tokens.append(phrases.BAR_TOKEN)
+    return " ".join(tokens)
+
+
+def song_from_slots(slots: Sequence[str], n_bars: int | None = None) -> Song:
+    """Decoded slot strings -> Song (SPEC section 7: the bars before the first ``[SEP]``).
+    ``n_bars`` forces the length instead (``forced_length_text``)."""
+    natural = phrases.slots_to_remiz(slots)
+    text = natural if n_bars is None else forced_length_text(slots, n_bars)
+    bars_before_sep = natural.split().count(phrases.BAR_TOKEN)
     try:
         multitrack, error = phrases.remiz_to_multitrack(text), ""
     except Exception as err:  # remi-z asserts on some token sequences; report, don't crash
         multitrack, error = None, f"{type(err).__name__}: {err}"
-    return Song(list(slots), text, n_bars, multitrack, error)
+    count = text.split().count(phrases.BAR_TOKEN)
+    return Song(list(slots), text, count, multitrack, error, bars_before_sep)
 
 
-def decode_songs(decoder: PhraseDecoder, latents: np.ndarray) -> list[Song]:
-    """Raw latents [num_songs, length, 64] -> Songs (every slot decoded in one call)."""
+def decode_songs(
+    decoder: PhraseDecoder, latents: np.ndarray, n_bars: int | None = None
+) -> list[Song]:
+    """Raw latents [num_songs, length, 64] -> Songs (every slot decoded in one call);
+    ``n_bars`` forces every song's length (``song_from_slots``)."""
     latents = np.asarray(latents, np.float32)
     n, length, dim = latents.shape
     texts = decoder.decode(latents.reshape(n * length, dim))
     if len(texts) != n * length:
         raise ValueError(f"decoder returned {len(texts)} phrases for {n * length} latents")
-    return [song_from_slots(texts[i * length : (i + 1) * length]) for i in range(n)]
+    return [song_from_slots(texts[i * length : (i + 1) * length], n_bars) for i in range(n)]
 
 
 def transpose(multitrack: MultiTrack, semitones: int) -> None:
@@ -410,15 +441,40 @@ def transpose(multitrack: MultiTrack, semitones: int) -> None:
                 note.pitch = pitch
 
 
+def _extend_to_last_bar(path: str, multitrack: MultiTrack) -> None:
+    """Moves the end of every MIDI track to the end of the song's last bar, so trailing
+    silent bars stay in the file (remi-z ends the file at the last note)."""
+    import mido
+
+    midi = mido.MidiFile(path)
+    end = 0
+    for bar in multitrack.bars:
+        numerator, denominator = bar.time_signature
+        end += round(midi.ticks_per_beat * numerator * 4 / denominator)
+    for track in midi.tracks:
+        total = sum(message.time for message in track)
+        if track and track[-1].type == "end_of_track" and total < end:
+            track[-1].time += end - total
+    midi.save(path)
+
+
 def write_midi(
-    multitrack: MultiTrack, path: str, *, tempo: float = REFERENCE_TEMPO, semitones: int = 0
+    multitrack: MultiTrack,
+    path: str,
+    *,
+    tempo: float = REFERENCE_TEMPO,
+    semitones: int = 0,
+    keep_silent_bars: bool = False,
 ) -> None:
-    """Writes the song as MIDI at ``tempo`` bpm, transposed by ``semitones``, atomically."""
+    """Writes the song as MIDI at ``tempo`` bpm, transposed by ``semitones``, atomically.
+    ``keep_silent_bars``: the file lasts to the end of the last bar even when it is silent."""
     transpose(multitrack, semitones)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
     try:
         multitrack.to_midi(tmp, tempo=float(tempo), verbose=False)
+        if keep_silent_bars:
+            _extend_to_last_bar(tmp, multitrack)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -190,3 +190,45 @@ def test_decodes_with_the_vae_of_the_workdir(tmp_path):
         assert os.path.exists(out / song["text_file"])
         assert song["file"] is None or os.path.exists(out / song["file"])
     assert np.isfinite(summary["timings"]["total_s"])
+
+
+class _EarlyEndDecoder:
+    """Every song: 3 one-note bars, [SEP], then 2 more one-note bars and [SEP]s (64 slots)."""
+
+    BAR = [ldm_fixtures.ONE_NOTE_BAR, "[INST]", "[INST]", "b-1"]
+    SLOTS = BAR * 3 + ["[SEP]", "[INST]", "[INST]", "b-1"] + BAR * 2 + ["[SEP]"] * 40
+
+    def decode(self, latents):
+        assert len(latents) % len(self.SLOTS) == 0
+        return self.SLOTS * (len(latents) // len(self.SLOTS))
+
+
+def test_songs_end_at_the_first_sep_unless_the_length_is_forced(tmp_path, capsys):
+    workdir = _workdir(tmp_path)
+    base = ["--checkpoint", workdir, "--num_songs", "2", "--bars", "12", "--sampler", "ddim",
+            "--steps", "2", "--tempo", "120"]  # fmt: skip
+    assert sample.main(base + ["--out", str(tmp_path / "plain")], _EarlyEndDecoder()) == 0
+    assert "ended some songs before the requested 12 bars" in capsys.readouterr().err
+    assert (
+        sample.main(
+            base + ["--out", str(tmp_path / "forced"), "--force_length"], _EarlyEndDecoder()
+        )
+        == 0
+    )
+    seconds_per_bar = 4 * 60 / 120
+    for name, bars in (("plain", 3), ("forced", 12)):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["settings"]["force_length"] == (name == "forced")
+        assert [(s["n_bars"], s["bars_before_sep"]) for s in summary["songs"]] == [(bars, 3)] * 2
+        text = (tmp_path / name / "song_000.txt").read_text().split()
+        assert text.count("b-1") == bars
+        # Bars 5 and 6 (after the bar with the [SEP]) are read by position only when forced.
+        assert text.count("p-60") == (3 if name == "plain" else 5)
+        path = str(tmp_path / name / "song_000.mid")
+        assert len(_midi_notes(path)[1]) == text.count("p-60")
+        length = mido.MidiFile(path).length
+        if name == "forced":  # the silent bars 6..12 stay in the file
+            assert length == pytest.approx(12 * seconds_per_bar, abs=1e-3)
+        else:  # remi-z ends the file with the last note, in bar 3
+            assert 2 * seconds_per_bar < length <= 3 * seconds_per_bar
+        assert len(MultiTrack.from_midi(path).bars) == (6 if name == "forced" else 3)

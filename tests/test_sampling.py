@@ -163,3 +163,18 @@ def test_vae_decoder_from_workdir(tmp_path):
     assert len(texts) == 5 and all(isinstance(t, str) for t in texts)
     assert all(len(t.split()) <= 5 for t in texts)
     assert jnp.asarray(decoder.params["post_proj"]["kernel"]).shape == (64, 64)
+
+
+def test_forced_length_reads_bars_by_position():
+    bar = [ldm_fixtures.ONE_NOTE_BAR, "[INST]", "[INST]", "b-1"]
+    # bar 2 has a stray b-1 in a track slot and a [SEP]: both count as nothing when forced
+    slots = bar + [ldm_fixtures.ONE_NOTE_BAR, "b-1", "[SEP]", "b-1"] + bar + ["[SEP]"] * 4
+    natural = sampling.song_from_slots(slots)
+    assert natural.n_bars == natural.bars_before_sep == 2
+    forced = sampling.song_from_slots(slots, 4)
+    assert (forced.n_bars, forced.bars_before_sep) == (4, 2)
+    one = ldm_fixtures.ONE_NOTE_BAR
+    assert forced.text == f"{one} b-1 {one} b-1 {one} b-1 b-1"
+    assert len(forced.multitrack.bars) == 4 and not forced.multitrack.bars[3].tracks
+    with pytest.raises(ValueError, match="5 bars need 20 slots, got 16"):
+        sampling.song_from_slots(slots, 5)
