@@ -4,10 +4,19 @@
       --variants fp32,bf16,bf16_fourier,bf16_stream,autocast,autocast_eps6,bf16_weights \\
       --out /tmp/bf16.json
 
-Every variant trains the same small length-conditioned PhraseLDM (same seed, same batches,
+  python -m benchmarks.precision --params_from /work/runs/ldm/ldm_lencond_small \\
+      --variants fp32,bf16,bf16_fourier,bf16_stream,autocast
+
+Training: every variant trains the same small length-conditioned PhraseLDM (same seed, same batches,
 the real ``ldm_task`` loss and ``trainer.make_train_step``) and reports the training loss
 averaged over windows of ``--window`` steps, the gradient norm, and the validation noise MSE
 at fixed timesteps (fixed songs and noise) every ``--eval_every`` steps.
+
+With ``--params_from`` (a trained LDM workdir) nothing trains: every variant's forward pass
+scores the same trained weights (noise MSE per timestep on fixed validation songs and noise),
+which isolates what each precision choice does to the predictions. The songs come from the
+run's own latent dataset (``data.latent_dir`` of its ``config.json``) unless ``--latent_dir``
+names another one encoded by the same VAE.
 
 Variants (``config.model.dit.dtype`` plus, for the diagnostics, Flax method interceptors that
 put one float32 island of ours back into bfloat16, as torch autocast runs the original):
@@ -57,6 +66,7 @@ VARIANTS = (
     "bf16_weights",
 )
 EVAL_TIMESTEPS = (0, 5, 20, 100, 300, 600, 900, 999)
+INFERENCE_TIMESTEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 700, 900, 950, 999)
 
 
 def round_bf16(x: jax.Array) -> jax.Array:
@@ -122,8 +132,8 @@ def validation_batch(config, songs: int) -> dict:
     return next(iterator)
 
 
-def make_eval_fn(ldm_cfg):
-    """``eval(params, batch, noise) -> [len(EVAL_TIMESTEPS)]`` noise MSE at each timestep."""
+def make_eval_fn(ldm_cfg, timesteps=EVAL_TIMESTEPS):
+    """``eval(params, batch, noise) -> [len(timesteps)]`` noise MSE at each timestep."""
     from phraseldm_jax import diffusion
 
     def mse_at(params, batch, noise, t):
@@ -134,7 +144,7 @@ def make_eval_fn(ldm_cfg):
         return jnp.mean(jnp.square(eps - noise))
 
     def evaluate(params, batch, noise):
-        return jnp.stack([mse_at(params, batch, noise, t) for t in EVAL_TIMESTEPS])
+        return jnp.stack([mse_at(params, batch, noise, t) for t in timesteps])
 
     return jax.jit(evaluate)
 
@@ -185,6 +195,46 @@ def run_variant(name: str, args) -> dict:
     return curves
 
 
+def inference_errors(args) -> dict:
+    """Per variant, the noise MSE per timestep of the trained weights in ``args.params_from``."""
+    from phraseldm_jax import checkpointing, ldm
+
+    config_path = os.path.join(args.params_from, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: not an LDM workdir (no config.json)")
+    with open(config_path) as f:
+        saved = json.load(f)
+    if "dit" not in saved.get("model", {}):
+        raise ValueError(f"{config_path}: model.dit missing, not a PhraseLDM run")
+    latent_dir = args.latent_dir or saved["data"]["latent_dir"]
+    params = checkpointing.load_params(args.params_from, "latest")
+    base = variant_config("fp32", latent_dir, 32, 1, args.eval_songs)
+    valid = validation_batch(base, args.eval_songs)
+    noise = jax.random.normal(jax.random.PRNGKey(123), valid["latents"].shape, jnp.float32)
+    results = {}
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; use one of {VARIANTS}")
+        model = dict(saved["model"])
+        model["dit"] = dict(model["dit"], dtype="float32" if name == "fp32" else "bfloat16")
+        fourier = name in ("bf16_fourier", "autocast", "autocast_eps6")
+        stream = name in ("bf16_stream", "autocast", "autocast_eps6")
+        with nn.intercept_methods(interceptor(fourier, stream)):
+            evaluate = make_eval_fn(ldm.PhraseLDMConfig(**model), INFERENCE_TIMESTEPS)
+            mse = evaluate(params, valid, noise)
+            results[name] = [float(x) for x in jax.device_get(mse)]
+    return results
+
+
+def inference_table(errors: dict) -> str:
+    """Markdown table of ``inference_errors``: one row per timestep, one column per variant."""
+    names = list(errors)
+    lines = ["| t | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for j, t in enumerate(INFERENCE_TIMESTEPS):
+        lines.append(f"| {t} | " + " | ".join(f"{errors[n][j]:.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def table(results: dict, key: str = "loss") -> str:
     """Markdown table: one row per logged step, one column per variant."""
     names = list(results)
@@ -208,7 +258,7 @@ def eval_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__)
-    p.add_argument("--latent_dir", required=True, help="song-latent dataset (latent_records)")
+    p.add_argument("--latent_dir", help="song-latent dataset (latent_records)")
     p.add_argument("--variants", default="fp32,bf16,autocast")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--width", type=int, default=64, help="DiT inner width (heads of 32)")
@@ -218,8 +268,15 @@ def main(argv=None) -> int:
     p.add_argument("--eval_every", type=int, default=250)
     p.add_argument("--eval_songs", type=int, default=16)
     p.add_argument("--out", help="JSON file for the curves (written after every variant)")
+    p.add_argument("--params_from", help="trained LDM workdir: compare forward passes only")
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.params_from:
+        errors = inference_errors(args)
+        print(f"Noise MSE per timestep, weights of {args.params_from}:\n" + inference_table(errors))
+        return 0
+    if not args.latent_dir:
+        p.error("--latent_dir is required for training (only --params_from can do without)")
     results = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
