@@ -1,0 +1,153 @@
+"""Case (a): one DiT denoising step of whole songs (512 slots), ours vs the torch reference.
+
+Ours: the jitted ``PhraseLDM.apply`` (length-conditioned, context None so the cross-attention
+is skipped: it would add exactly 0) in float32 and bfloat16 compute. Reference: diffusers'
+``StableAudioDiTModel`` inside ``ReferencePhraseLDM.predict_noise`` (which, like the original,
+runs the cross-attention on 7 zero context tokens) in float32 and under CPU bfloat16
+autocast. Throughput is song-steps/s = batch / seconds per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import common
+
+
+def inputs(batch: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x [batch, length, 64] float32, t [batch] int32, n_bars [batch] int32)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, length, 64), dtype=np.float32)
+    t = rng.integers(0, 1000, batch).astype(np.int32)
+    n_bars = rng.integers(1, length // 4 + 1, batch).astype(np.int32)
+    return x, t, n_bars
+
+
+def jax_step(config, dtype: str):
+    """jit((params, x, t, n_bars) -> eps) of ``config`` with compute ``dtype``."""
+    from phraseldm_jax.ldm import PhraseLDM
+
+    config = dataclasses.replace(config, dit=dataclasses.replace(config.dit, dtype=dtype))
+    model = PhraseLDM(config)
+    return jax.jit(lambda p, x, t, n: model.apply({"params": p}, x, t, n))
+
+
+def torch_step(torch_model, x, t, n_bars, bf16: bool):
+    """A callable running the reference once (bf16: under ``torch.autocast``)."""
+    import torch
+
+    x, t, n_bars = torch.from_numpy(x), torch.from_numpy(t).long(), torch.from_numpy(n_bars).long()
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return common.torch_ldm_forward(torch_model, x, t, n_bars).numpy()
+
+    return run
+
+
+def run(opts: common.Options) -> dict[str, Any]:
+    pair = common.ldm_pair(opts.quick)
+    length = 32 if opts.quick else 512
+    batches = (1, 2) if opts.quick else (1, 4, 16)
+    rows = []
+    for batch in batches:
+        x, t, n_bars = inputs(batch, length)
+        repeats = max(2, opts.repeats // 2) if batch >= 16 else opts.repeats
+        reference = torch_step(pair.torch_model, x, t, n_bars, False)()
+        checked = pair.torch_model.predict_noise(x, t, n_bars)
+        if not np.allclose(reference, checked, atol=1e-5):
+            raise AssertionError("torch_ldm_forward differs from ReferencePhraseLDM.predict_noise")
+        for dtype in ("float32", "bfloat16"):
+            compiled, compile_times = common.compile_twice(
+                jax_step(pair.config, dtype), pair.params, x, t, n_bars
+            )
+            args = [jax.device_put(a) for a in (x, t, n_bars)]
+
+            def call(compiled=compiled, args=args):
+                return compiled(pair.params, *args).block_until_ready()
+
+            timing, rss = common.time_calls(call, repeats)
+            diff = float(np.abs(np.asarray(call()) - reference).max())
+            rows.append(
+                {
+                    "side": "ours (jax)",
+                    "dtype": dtype,
+                    "batch": batch,
+                    **timing.as_dict(),
+                    "song_steps_per_s": batch / timing.median,
+                    "max_abs_diff_vs_torch_f32": diff,
+                    "flops_xla": common.compiled_flops(compiled),
+                    **compile_times,
+                    **common.compiled_memory_mib(compiled),
+                    "rss_delta_mib": rss,
+                }
+            )
+        for bf16 in (False, True):
+            name = "bfloat16 autocast" if bf16 else "float32"
+            try:
+                timing, rss = common.time_calls(
+                    torch_step(pair.torch_model, x, t, n_bars, bf16), repeats
+                )
+            except RuntimeError as err:  # autocast op not supported on this CPU build
+                rows.append({"side": "torch", "dtype": name, "batch": batch, "error": str(err)})
+                continue
+            rows.append(
+                {
+                    "side": "torch",
+                    "dtype": name,
+                    "batch": batch,
+                    **timing.as_dict(),
+                    "song_steps_per_s": batch / timing.median,
+                    "rss_delta_mib": rss,
+                }
+            )
+    for row in rows:
+        base = next(
+            r
+            for r in rows
+            if r["side"] == "torch" and r["dtype"] == "float32" and r["batch"] == row["batch"]
+        )
+        if "median_s" in row:
+            row["speedup_vs_torch_f32"] = base["median_s"] / row["median_s"]
+    return {
+        "length": length,
+        "num_params": pair.num_params,
+        "rows": rows,
+        "table": table(rows),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    return common.markdown_table(
+        [
+            "side",
+            "dtype",
+            "batch",
+            "ms/step",
+            "song-steps/s",
+            "x torch f32",
+            "compile s",
+            "cached compile s",
+            "XLA peak MiB",
+            "RSS +MiB",
+        ],
+        [
+            [
+                r["side"],
+                r["dtype"],
+                r["batch"],
+                1e3 * r.get("median_s", float("nan")),
+                r.get("song_steps_per_s", float("nan")),
+                r.get("speedup_vs_torch_f32", float("nan")),
+                r.get("compile_s", "-"),
+                r.get("compile_cached_s", "-"),
+                r.get("peak_mib", "-"),
+                r.get("rss_delta_mib", float("nan")),
+            ]
+            for r in rows
+        ],
+    )

@@ -1,0 +1,196 @@
+"""Case (b): whole-song generation wall time (one 128-bar song: 512 latents), sampling plus
+decoding of every latent into a phrase.
+
+Reference: the original's recipe, diffusers' ``DDPMScheduler`` (cosine betas, x0 clipped)
+over 1000 steps of the torch DiT, then ``generate`` on the 512 latents. The torch loop runs
+``--torch_ddpm_steps`` steps and the 1000-step time is extrapolated from their mean (marked in
+the table). Ours: ``sampling.LatentSampler`` (the whole loop is one compiled ``lax.scan``) with
+DPM-Solver++(2M) and DDIM at a few tens of steps, then ``decoding.greedy_decode``. Both decoders
+get the same latents (our sampler's) so they do the same work. Weights are random (paper
+size); quality per sampler on a trained model comes from ``sampler_quality.json`` in the
+results folder when another run has written it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import common, vae_decoding
+from phraseldm_jax import decoding, sampling
+
+FAST_SAMPLERS = (("dpmpp_2m", 10), ("dpmpp_2m", 20), ("ddim", 25), ("ddim", 50))
+QUICK_SAMPLERS = (("dpmpp_2m", 2), ("ddim", 3))
+QUALITY_FILE = "sampler_quality.json"
+
+
+def torch_ddpm_step_seconds(pair: common.LdmPair, length: int, n_bars: int, steps: int) -> float:
+    """Mean seconds of one reference DDPM step (model + scheduler) over ``steps`` steps."""
+    import torch
+
+    scheduler = pair.torch_model.scheduler()
+    scheduler.set_timesteps(1000)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, length, 64, generator=generator)
+    bars = torch.tensor([n_bars])
+
+    def step(x, t):
+        with torch.no_grad():
+            eps = common.torch_ldm_forward(pair.torch_model, x, t.reshape(1), bars)
+            return scheduler.step(eps, t, x, generator=generator).prev_sample
+
+    timesteps = scheduler.timesteps
+    x = step(x, timesteps[0])  # warm-up
+    start = time.perf_counter()
+    for t in timesteps[1 : steps + 1]:
+        x = step(x, t)
+    return (time.perf_counter() - start) / steps
+
+
+def our_sampler(pair, settings, cond, repeats: int) -> tuple[np.ndarray, dict]:
+    """(raw latents [1, length, 64], timing row) of one fast sampler."""
+    key = jax.random.PRNGKey(0)
+    first = sampling.LatentSampler(pair.config, settings)
+    latents = first(pair.params, key, cond)
+    compile_s = first.compile_seconds
+    jax.clear_caches()
+    again = sampling.LatentSampler(pair.config, settings)  # compiled from the persistent cache
+    again(pair.params, key, cond)
+    compile_cached_s = again.compile_seconds
+    timing, rss = common.time_calls(lambda: again(pair.params, key, cond), repeats, warmup=0)
+    return latents, {
+        "sample_s": timing.median,
+        "sample_times_s": timing.times,
+        "compile_s": compile_s,
+        "compile_cached_s": compile_cached_s,
+        "rss_delta_mib": rss,
+    }
+
+
+def read_quality(results_dir: str) -> Any:
+    path = os.path.join(results_dir, QUALITY_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(opts: common.Options) -> dict[str, Any]:
+    ldm = common.ldm_pair(opts.quick)
+    vae = common.vae_pair(opts.quick)
+    length = ldm.config.dit.sample_size
+    n_bars, max_length = length // 4, (16 if opts.quick else 128)
+    cond = sampling.make_conditions(1, n_bars=n_bars)
+    repeats = min(opts.repeats, 3)
+    rows, song_latents = [], None
+    for name, steps in QUICK_SAMPLERS if opts.quick else FAST_SAMPLERS:
+        settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
+        latents, row = our_sampler(ldm, settings, cond, repeats)
+        song_latents = latents[0] if song_latents is None else song_latents
+        rows.append({"side": "ours (jax)", "sampler": name, "steps": steps, **row})
+
+    def ours_decode():
+        return decoding.greedy_decode(vae.params, vae.config, song_latents, max_length=max_length)
+
+    ours_decode()  # compile
+    decode_timing, decode_rss = common.time_calls(ours_decode, repeats, warmup=0)
+
+    def torch_decode():
+        return vae_decoding.torch_generate(vae.torch_model, song_latents, max_length, False)
+
+    torch_decode_timing, torch_decode_rss = common.time_calls(
+        torch_decode, max(1, repeats - 1), warmup=0
+    )
+    step_s = torch_ddpm_step_seconds(ldm, length, n_bars, opts.torch_ddpm_steps)
+    reference = {
+        "side": "torch (diffusers DDPM + generate)",
+        "sampler": "ddpm",
+        "steps": 1000,
+        "sample_s": 1000 * step_s,
+        "extrapolated_from_steps": opts.torch_ddpm_steps,
+        "step_s": step_s,
+        "decode_s": torch_decode_timing.median,
+        "decode_rss_delta_mib": torch_decode_rss,
+    }
+    reference["total_s"] = reference["sample_s"] + reference["decode_s"]
+    for row in rows:
+        row.update(decode_s=decode_timing.median, decode_rss_delta_mib=decode_rss)
+        row["total_s"] = row["sample_s"] + row["decode_s"]
+        row["speedup_vs_reference"] = reference["total_s"] / row["total_s"]
+    rows.append(reference)
+    quality = read_quality(opts.results_dir)
+    text = table(rows, n_bars)
+    if quality is not None:
+        text += "\n\nSteps vs quality (trained model, from " + QUALITY_FILE + "):\n\n"
+        text += quality_table(quality)
+    else:
+        text += f"\n\n(no {QUALITY_FILE} in {opts.results_dir}: steps-vs-quality not shown)"
+    return {
+        "n_bars": n_bars,
+        "slots": length,
+        "decode_max_length": max_length,
+        "ldm_params": ldm.num_params,
+        "vae_params": vae.num_params,
+        "mean_decoded_positions": float(vae_decoding.generated_lengths(ours_decode()).mean()),
+        "rows": rows,
+        "quality": quality,
+        "table": text,
+    }
+
+
+def table(rows: list[dict], n_bars: int) -> str:
+    return common.markdown_table(
+        [
+            "side",
+            "sampler",
+            "steps",
+            "sampling s",
+            "decoding s",
+            f"total s ({n_bars} bars)",
+            "x reference",
+            "compile s",
+            "cached compile s",
+            "RSS +MiB",
+        ],
+        [
+            [
+                r["side"],
+                r["sampler"],
+                r["steps"],
+                f"{r['sample_s']:.3g}"
+                + (
+                    f" (extrapolated from {r['extrapolated_from_steps']} steps)"
+                    if "extrapolated_from_steps" in r
+                    else ""
+                ),
+                r["decode_s"],
+                r["total_s"],
+                r.get("speedup_vs_reference", 1.0),
+                r.get("compile_s", "-"),
+                r.get("compile_cached_s", "-"),
+                r.get("rss_delta_mib", r.get("decode_rss_delta_mib", "-")),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def quality_table(quality: Any) -> str:
+    """Steps vs quality: one row per sampler run of ``sampler_quality.json`` (``runs``:
+    name -> metrics), PhraseFID relative to the DDPM-1000 run's; other layouts as JSON."""
+    runs = quality.get("runs") if isinstance(quality, dict) else None
+    if not isinstance(runs, dict) or not runs:
+        return "```\n" + json.dumps(quality, indent=1)[:4000] + "\n```"
+    base = next((r.get("phrase_fid") for n, r in runs.items() if n.startswith("ddpm:1000")), None)
+    keys = ("phrase_fid", "melody_similarity", "length_accuracy", "sample_seconds")
+    rows = []
+    for name, r in runs.items():
+        fid = r.get("phrase_fid")
+        relative = f"{100 * (fid / base - 1):+.1f}%" if fid and base else "-"
+        rows.append([name, *(r.get(k, "-") for k in keys), relative])
+    return common.markdown_table(["run", *keys, "PhraseFID vs DDPM-1000"], rows)

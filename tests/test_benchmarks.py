@@ -1,0 +1,108 @@
+"""``python -m benchmarks.run --quick``: every case runs end to end at tiny sizes, side by side
+with the torch reference, and writes JSON with positive numbers (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch", reason="the benchmarks compare against the torch extra")
+pytest.importorskip("diffusers", reason="the benchmarks compare against the torch extra")
+
+from benchmarks import common, run  # noqa: E402
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "quick.json"
+    settings = common.cache_settings()
+    try:
+        code = run.main(
+            ["--quick", "--out", str(out), "--cache_dir", str(folder / "cache"), "--threads", "1"]
+        )
+    finally:  # later tests in this process must not write to this run's cache
+        common.restore_cache_settings(settings)
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_every_case_and_the_machine_are_recorded(quick_result):
+    assert set(quick_result["cases"]) == set(run.CASES)
+    machine = quick_result["machine"]
+    assert machine["cores"] >= 1 and machine["jax"] and machine["torch"]
+    for case in quick_result["cases"].values():
+        assert case["table"].startswith("|")
+        assert positive(case["case_wall_s"])
+
+
+def test_dit_step_rows(quick_result):
+    rows = quick_result["cases"]["dit_step"]["rows"]
+    sides = {(r["side"], r["dtype"], r["batch"]) for r in rows}
+    for batch in (1, 2):
+        assert ("ours (jax)", "float32", batch) in sides
+        assert ("ours (jax)", "bfloat16", batch) in sides
+        assert ("torch", "float32", batch) in sides
+    for r in rows:
+        if "error" in r:  # torch bf16 autocast may be unsupported; then it says why
+            assert r["side"] == "torch"
+            continue
+        assert positive(r["median_s"]) and positive(r["song_steps_per_s"])
+        assert positive(r["speedup_vs_torch_f32"])
+        if r["side"] == "ours (jax)":
+            assert positive(r["compile_s"]) and positive(r["peak_mib"])
+            assert positive(r["flops_xla"])
+            tolerance = 1e-3 if r["dtype"] == "float32" else 0.5  # same weights as torch
+            assert r["max_abs_diff_vs_torch_f32"] < tolerance
+
+
+def test_song_generation_rows(quick_result):
+    case = quick_result["cases"]["song_generation"]
+    ours = [r for r in case["rows"] if r["side"] == "ours (jax)"]
+    reference = [r for r in case["rows"] if r["side"] != "ours (jax)"]
+    assert {r["sampler"] for r in ours} == {"dpmpp_2m", "ddim"}
+    assert len(reference) == 1 and reference[0]["steps"] == 1000
+    assert reference[0]["extrapolated_from_steps"] >= 1
+    for r in case["rows"]:
+        for key in ("sample_s", "decode_s", "total_s"):
+            assert positive(r[key]), (r, key)
+    for r in ours:
+        assert positive(r["speedup_vs_reference"]) and positive(r["compile_s"])
+
+
+def test_vae_decoding_uniform_work(quick_result):
+    case = quick_result["cases"]["vae_decoding"]
+    rows = [r for r in case["rows"] if r["workload"] == "uniform"]
+    assert [r["side"] for r in rows] == ["ours (jax)", "torch generate"]
+    for r in rows:
+        assert positive(r["phrases_per_s"])
+        assert r["mean_positions"] == r["max_length"]  # [EOS] suppressed: every row runs all
+    assert rows[0]["rows_equal_to_torch"] == 1.0  # same weights, same greedy tokens
+    assert "skipped" in case["real_songs"]  # no --vae_workdir given
+
+
+def test_train_step_rows(quick_result):
+    rows = quick_result["cases"]["train_step"]["rows"]
+    assert [r["side"] for r in rows] == ["ours (jax)", "torch"] * 2
+    for r in rows:
+        assert positive(r["examples_per_s"]) and positive(r["loss"])
+    for ours, ref in zip(rows[::2], rows[1::2]):
+        assert ours["model"] == ref["model"]
+        assert positive(ours["peak_mib"]) and positive(ours["speedup_vs_torch"])
+
+
+def test_matmul_peak_and_flops(quick_result):
+    case = quick_result["cases"]["matmul_peak"]
+    for peak in case["peaks"].values():
+        assert positive(peak["flops_per_s"])
+    for r in case["rows"]:
+        assert positive(r["achieved_flops_per_s"]) and positive(r["fraction_of_peak"])
+        # XLA's count and the analytic one agree within 15% (XLA adds elementwise work)
+        assert abs(r["flops_xla"] / r["flops_analytic"] - 1) < 0.15
+    assert positive(case["breakdown_float32"]["dense_matmuls_s"])
