@@ -18,6 +18,7 @@ time of one decoder step against the batch size (where the time goes).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -110,17 +111,16 @@ def compare(name, params, config, latents, max_length, suppress_eos, repeats, dt
     rows = {"generate": {"s": t_ref, "phrases_per_s": n / t_ref}}
     fp32_tokens = None
     for dtype in dtypes:
-        t_ours, tokens = best_time(
-            lambda: decoding.greedy_decode(
-                params,
-                config,
-                latents,
-                max_length=max_length,
-                suppress_eos=suppress_eos,
-                compute_dtype=dtype,
-            ),
-            repeats,
+        decode = functools.partial(
+            decoding.greedy_decode,
+            params,
+            config,
+            latents,
+            max_length=max_length,
+            suppress_eos=suppress_eos,
+            compute_dtype=dtype,
         )
+        t_ours, tokens = best_time(decode, repeats)
         if dtype == "float32":
             fp32_tokens = tokens
         row = {
@@ -146,17 +146,16 @@ def step_profile(params, config, batches, dtypes, max_length=128) -> dict:
     for dtype in dtypes:
         for batch in batches:
             latents = np.random.default_rng(1).standard_normal((batch, config.latent_dim))
-            seconds, _ = best_time(
-                lambda: decoding.greedy_decode(
-                    params,
-                    config,
-                    latents.astype(np.float32),
-                    max_length=max_length,
-                    suppress_eos=True,
-                    compute_dtype=dtype,
-                ),
-                1,
+            decode = functools.partial(
+                decoding.greedy_decode,
+                params,
+                config,
+                latents.astype(np.float32),
+                max_length=max_length,
+                suppress_eos=True,
+                compute_dtype=dtype,
             )
+            seconds, _ = best_time(decode, 1)
             out[f"{dtype} batch {batch}"] = 1e3 * seconds / (max_length - 1)
             print(f"  {dtype:9s} batch {batch:4d}: {out[f'{dtype} batch {batch}']:7.2f} ms/step")
     return out
