@@ -217,3 +217,18 @@ def test_bfloat16_decoding_mostly_agrees_with_float32():
         f"cached vs plain bf16 rows {same_as_plain:.3f}"
     )
     assert first_tokens >= 0.9 and same_rows >= 0.5 and same_as_plain >= 0.5
+
+
+def test_phrase_vae_model_decodes_in_the_asked_dtype():
+    from phraseldm_jax import vae_inference
+
+    latents = _latents(6, seed=5)
+    model = vae_inference.PhraseVAEModel(
+        VAE, _lively_params(), max_length=16, decode_batch_size=8, decode_compute_dtype="bfloat16"
+    )
+    expected = decoding.greedy_decode(
+        _lively_params(), VAE, latents, max_length=16, batch_size=8, compute_dtype="bfloat16"
+    )
+    assert model.decode(latents) == decoding.tokens_to_phrases(expected)
+    with pytest.raises(ValueError, match="T5Config.dtype"):
+        decoding.greedy_decode(_lively_params(), VAE, latents, compute_dtype="float64")
