@@ -114,7 +114,7 @@ def time_torch(model, loss_fn, config, repeats: int) -> dict[str, Any]:
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        last["loss"] = float(loss)
+        last["loss"] = loss.item()
 
     timing, rss = common.time_calls(call, repeats)
     return {"side": "torch", **timing.as_dict(), "loss": last["loss"], "rss_delta_mib": rss}
