@@ -180,19 +180,24 @@ def measure(model: str, mesh_shape: tuple[int, int], variant: str) -> dict:
     }
 
 
+TABLE_HEADER = (
+    "| model | params (M) | mesh | variant | args | out | alias | temp | code | peak | saved |\n"
+    "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def format_row(r: dict) -> str:
+    """One measurement as a markdown table row (columns of ``TABLE_HEADER``)."""
+    return (
+        f"| {r['model']} | {r['params_m']:.1f} | {r['mesh']} | {r['variant']} | "
+        f"{r['args']:.1f} | {r['out']:.1f} | {r['alias']:.1f} | {r['temp']:.1f} | "
+        f"{r['code']:.2f} | {r['peak']:.1f} | {r['saved']:.1f} |"
+    )
+
+
 def format_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    header = (
-        "| model | params (M) | mesh | variant | args | out | alias | temp | code | peak | saved |"
-    )
-    lines = [header, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['params_m']:.1f} | {r['mesh']} | {r['variant']} | "
-            f"{r['args']:.1f} | {r['out']:.1f} | {r['alias']:.1f} | {r['temp']:.1f} | "
-            f"{r['code']:.2f} | {r['peak']:.1f} | {r['saved']:.1f} |"
-        )
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEADER, *(format_row(r) for r in rows)])
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -218,17 +223,19 @@ def main(argv=None) -> int:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; use {VARIANTS}")
     meshes = [parse_mesh(m) for m in args.meshes.split(",")]
-    rows = []
+    # Rows are printed as they are measured, so a cut-short run still leaves its table.
+    print(f"Per-device MiB, {jax.devices()[0].platform} devices:\n{TABLE_HEADER}", flush=True)
     for model in models:
         for mesh_shape in meshes:
             for variant in variants:
-                rows.append(measure(model, mesh_shape, variant))
+                row = measure(model, mesh_shape, variant)
+                print(format_row(row), flush=True)
                 print(
-                    f"{model} {rows[-1]['mesh']} {variant}: peak {rows[-1]['peak']:.1f} MiB "
-                    f"({rows[-1]['compile_s']:.0f} s to compile)",
+                    f"{model} {row['mesh']} {variant}: peak {row['peak']:.1f} MiB "
+                    f"({row['compile_s']:.0f} s to compile)",
                     file=sys.stderr,
+                    flush=True,
                 )
-    print(f"Per-device MiB, {jax.devices()[0].platform} devices:\n" + format_table(rows))
     return 0
 
 
