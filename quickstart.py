@@ -99,7 +99,8 @@ def stage_commands(config, workdir: str) -> list[tuple[str, list[str]]]:
             + ["--out", os.path.join(workdir, "samples"), "--num_songs", str(sample.num_songs)]
             + ["--bars", str(sample.bars), "--sampler", sample.sampler]
             + ["--steps", str(sample.steps), "--tempo", str(sample.tempo)]
-            + ["--seed", str(sample.seed)],
+            + ["--seed", str(sample.seed)]
+            + (["--force_length"] if sample.force_length else []),
         ),
     ]
 
