@@ -42,6 +42,7 @@ class Options:
     latent_dir: str = ""  # its song-latent dataset (test split used)
     results_dir: str = os.path.join(REPO_ROOT, "benchmarks", "results")
     torch_ddpm_steps: int = 20  # reference DDPM steps actually run (then extrapolated to 1000)
+    ldm_workdir: str = ""  # trained PhraseLDM (and the PhraseVAE it names): end-to-end songs
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +377,22 @@ def vae_pair(quick: bool, seed: int = 0) -> VaePair:
     config = vae_model_config(quick)
     params = vae_lib.init_params(config, jax.random.PRNGKey(seed))
     return _vae_pair_from_loaded(api.LoadedPhraseVAE(config, params), "random init")
+
+
+def trained_ldm_pair(workdir: str) -> LdmPair:
+    """A trained PhraseLDM workdir on both sides (its latest checkpoint)."""
+    from phraseldm_jax.convert import api
+
+    loaded = api.load_workdir(workdir, which="latest")
+    with tempfile.TemporaryDirectory() as folder:
+        api.export_phrase_ldm(loaded, folder)
+        torch_model = torch_reference().ReferencePhraseLDM.from_pretrained(folder, strict=True)
+    return LdmPair(
+        loaded.config,
+        jax.device_put(loaded.params),
+        torch_model.eval(),
+        count_params(loaded.params),
+    )
 
 
 def trained_vae_pair(workdir: str) -> VaePair:

@@ -37,6 +37,9 @@ def parse_args(argv):
     p.add_argument("--vae_workdir", default="", help="trained PhraseVAE (real-latent decoding)")
     p.add_argument("--latent_dir", default="", help="its song-latent dataset (test split)")
     p.add_argument(
+        "--ldm_workdir", default="", help="trained PhraseLDM: end-to-end songs, both sides"
+    )
+    p.add_argument(
         "--torch_ddpm_steps", type=int, default=20, help="reference DDPM steps run (then x1000/N)"
     )
     args = p.parse_args(argv)
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
         threads=args.threads,
         vae_workdir=args.vae_workdir,
         latent_dir=args.latent_dir,
+        ldm_workdir=args.ldm_workdir,
         torch_ddpm_steps=min(args.torch_ddpm_steps, 3) if args.quick else args.torch_ddpm_steps,
     )
     name = "benchmarks_quick.json" if args.quick else "benchmarks.json"

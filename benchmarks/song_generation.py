@@ -9,10 +9,16 @@ DPM-Solver++(2M) and DDIM at a few tens of steps, then ``decoding.greedy_decode`
 get the same latents (our sampler's) so they do the same work. Weights are random (paper
 size); quality per sampler on a trained model comes from ``sampler_quality.json`` in the
 results folder when another run has written it.
+
+With ``--ldm_workdir`` (a trained PhraseLDM whose config names its PhraseVAE) the case also
+runs end to end on trained weights, both sides exported from the same workdirs: each side
+samples its own 128-bar song and decodes its own latents, so decoding costs what a real song
+costs (rows stop at [EOS]). The reference runs all 1000 DDPM steps there (no extrapolation).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -72,6 +78,86 @@ def our_sampler(pair, settings, cond, repeats: int) -> tuple[np.ndarray, dict]:
     }
 
 
+def torch_ddpm_song(pair: common.LdmPair, n_bars: int) -> tuple[np.ndarray, float]:
+    """(raw latents [length, 64], seconds) of the reference's full 1000-step DDPM song."""
+    import torch
+
+    scheduler = pair.torch_model.scheduler()
+    scheduler.set_timesteps(1000)
+    generator = torch.Generator().manual_seed(0)
+    length = pair.config.dit.sample_size
+    x = torch.randn(1, length, 64, generator=generator)
+    bars = torch.tensor([n_bars])
+    start = time.perf_counter()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = common.torch_ldm_forward(pair.torch_model, x, t.reshape(1), bars)
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    seconds = time.perf_counter() - start
+    return x[0].numpy() * pair.config.scale_factor, seconds
+
+
+def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
+    """Fast samplers + our decoder against DDPM-1000 + ``generate`` on one trained pair."""
+    with open(os.path.join(opts.ldm_workdir, "config.json")) as f:
+        vae_workdir = json.load(f)["vae"]["workdir"]
+    ldm = common.trained_ldm_pair(opts.ldm_workdir)
+    vae = common.trained_vae_pair(vae_workdir)
+    length = ldm.config.dit.sample_size
+    n_bars, max_length = length // 4, 128
+    cond = sampling.make_conditions(1, n_bars=n_bars)
+
+    def decode_ours(latents):
+        return decoding.greedy_decode(vae.params, vae.config, latents, max_length=max_length)
+
+    rows = []
+    for name, steps in FAST_SAMPLERS:
+        settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
+        latents, row = our_sampler(ldm, settings, cond, repeats)
+        song = latents[0]
+        decode_ours(song)  # compile
+        timing, _ = common.time_calls(functools.partial(decode_ours, song), repeats, warmup=0)
+        positions = vae_decoding.generated_lengths(decode_ours(song)).mean()
+        row.update(decode_s=timing.median, mean_decoded_positions=float(positions))
+        row["total_s"] = row["sample_s"] + row["decode_s"]
+        rows.append({"side": "ours (jax)", "sampler": name, "steps": steps, **row})
+    torch_latents, torch_sample_s = torch_ddpm_song(ldm, n_bars)
+    decode_timing, _ = common.time_calls(
+        lambda: vae_decoding.torch_generate(vae.torch_model, torch_latents, max_length, False),
+        max(1, repeats - 1),
+        warmup=1,
+    )
+    tokens = vae_decoding.torch_generate(vae.torch_model, torch_latents, max_length, False)
+    reference = {
+        "side": "torch (diffusers DDPM + generate)",
+        "sampler": "ddpm",
+        "steps": 1000,
+        "sample_s": torch_sample_s,
+        "decode_s": decode_timing.median,
+        "mean_decoded_positions": float(vae_decoding.generated_lengths(tokens).mean()),
+    }
+    reference["total_s"] = reference["sample_s"] + reference["decode_s"]
+    for row in rows:
+        row["speedup_vs_reference"] = reference["total_s"] / row["total_s"]
+    rows.append(reference)
+    return {
+        "ldm_workdir": os.path.abspath(opts.ldm_workdir),
+        "vae_workdir": os.path.abspath(vae_workdir),
+        "ldm_params": ldm.num_params,
+        "vae_params": vae.num_params,
+        "rows": rows,
+        "table": common.markdown_table(
+            ["side", "sampler", "steps", "sampling s", "decoding s", "mean positions"]
+            + [f"total s ({n_bars} bars)", "x reference"],
+            [
+                [r["side"], r["sampler"], r["steps"], r["sample_s"], r["decode_s"]]
+                + [r["mean_decoded_positions"], r["total_s"], r.get("speedup_vs_reference", 1.0)]
+                for r in rows
+            ],
+        ),
+    }
+
+
 def read_quality(results_dir: str) -> Any:
     path = os.path.join(results_dir, QUALITY_FILE)
     if not os.path.isfile(path):
@@ -125,6 +211,12 @@ def run(opts: common.Options) -> dict[str, Any]:
     rows.append(reference)
     quality = read_quality(opts.results_dir)
     text = table(rows, n_bars)
+    trained = None
+    if opts.ldm_workdir and not opts.quick:
+        trained = trained_end_to_end(opts, repeats)
+        text += f"\n\nEnd to end on trained weights ({trained['ldm_workdir']}, "
+        text += f"{trained['ldm_params']:,} + {trained['vae_params']:,} parameters):\n\n"
+        text += trained["table"]
     if quality is not None:
         text += "\n\nSteps vs quality (trained model, from " + QUALITY_FILE + "):\n\n"
         text += quality_table(quality)
@@ -138,6 +230,7 @@ def run(opts: common.Options) -> dict[str, Any]:
         "vae_params": vae.num_params,
         "mean_decoded_positions": float(vae_decoding.generated_lengths(ours_decode()).mean()),
         "rows": rows,
+        "trained_end_to_end": trained,
         "quality": quality,
         "table": text,
     }
