@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from phraseldm_jax import diffusion, phrases, sections
 from phraseldm_jax.conditioning import MAX_SECTIONS
-from phraseldm_jax.ldm import PhraseLDM, PhraseLDMConfig
+from phraseldm_jax.ldm import PhraseLDM, PhraseLDMConfig, inference_params
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.sharding import BATCH_AXES
 
@@ -211,6 +211,7 @@ def _sample_fn(config: PhraseLDMConfig, settings: SamplerSettings, batch_shardin
     clip_range = model_space_clip(config, settings.clip)
 
     def sample(params, key, cond: Conditions):
+        params = inference_params(params, config)  # kernels cast once, not at every step
         batch = cond.batch_size
         noise_key, loop_key = jax.random.split(key)
         x_T = jax.random.normal(noise_key, (batch, *shape_tail), jnp.float32)

@@ -96,6 +96,36 @@ def test_conditions_change_the_prediction():
     assert np.abs(np.asarray(base - other_sections)).max() > 1e-4
 
 
+def test_inference_params_cast_dit_kernels_once_with_the_same_output():
+    config = ldm.PhraseLDMConfig(
+        dit={**TINY_DIT, "dtype": "bfloat16"}, length_control=True, sec_control=True
+    )
+    params = _params(config)
+    cast = ldm.inference_params(params, config)
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(cast)
+    }
+    kernels = [name for name in flat if name.startswith("dit/") and name.endswith("/kernel")]
+    assert kernels and all(flat[name].dtype == jnp.bfloat16 for name in kernels)
+    others = [name for name in flat if name not in kernels]
+    assert any(n.startswith(("length_encoder", "sec_encoder")) for n in others)
+    assert all(flat[name].dtype == jnp.float32 for name in others)
+    model = ldm.PhraseLDM(config)
+    apply = jax.jit(
+        lambda p: model.apply(
+            {"params": p},
+            jnp.ones((2, 12, 8)),
+            jnp.array([5, 900]),
+            jnp.array([64, 12]),
+            _sections(2),
+        )
+    )
+    np.testing.assert_array_equal(np.asarray(apply(cast)), np.asarray(apply(params)))
+    f32 = _config()
+    assert ldm.inference_params(_params(f32), f32) == dict(_params(f32))
+
+
 def test_trainable_mask_and_frozen_encoders():
     config = _config(train_encoders=False)
     params = _params(_config())
