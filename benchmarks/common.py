@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -194,6 +194,29 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[Ti
             fn()
             times.append(time.perf_counter() - start)
     return Timing(times), peak.delta_mib
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, tuple[Timing, float]]:
+    """``time_calls`` for several callables taking turns: round r calls every one of them once
+    (in an order rotated by r), so a slow drift of the machine's speed (a shared host) moves
+    every side alike and leaves their ratios alone. Returns {name: (Timing, peak RSS delta MiB
+    over its calls)}; each callable gets ``warmup`` untimed calls first."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peaks = dict.fromkeys(names, 0.0)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            with PeakRss() as peak:
+                start = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], peak.delta_mib)
+    return {name: (Timing(times[name]), peaks[name]) for name in names}
 
 
 def compile_twice(jitted, *args) -> tuple[Any, dict[str, float]]:

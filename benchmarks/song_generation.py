@@ -183,14 +183,16 @@ def run(opts: common.Options) -> dict[str, Any]:
     def ours_decode():
         return decoding.greedy_decode(vae.params, vae.config, song_latents, max_length=max_length)
 
-    ours_decode()  # compile
-    decode_timing, decode_rss = common.time_calls(ours_decode, repeats, warmup=0)
-
     def torch_decode():
         return vae_decoding.torch_generate(vae.torch_model, song_latents, max_length, False)
 
-    torch_decode_timing, torch_decode_rss = common.time_calls(
-        torch_decode, max(1, repeats - 1), warmup=0
+    ours_decode()  # compile
+    decoders = common.time_interleaved(
+        {"ours": ours_decode, "torch": torch_decode}, max(1, repeats - 1), warmup=0
+    )
+    (decode_timing, decode_rss), (torch_decode_timing, torch_decode_rss) = (
+        decoders["ours"],
+        decoders["torch"],
     )
     step_s = torch_ddpm_step_seconds(ldm, length, n_bars, opts.torch_ddpm_steps)
     reference = {

@@ -17,6 +17,7 @@ Two workloads:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import time
@@ -79,49 +80,69 @@ def generated_lengths(tokens: np.ndarray) -> np.ndarray:
 
 
 def compare(name, pair, params, torch_model, latents, max_length, suppress, repeats) -> list:
-    """Rows for ours and torch on one workload."""
+    """Rows for ours (float32, and bfloat16 matmuls) and torch on one workload; the three take
+    turns call by call (``common.time_interleaved``)."""
     options = {"suppress_eos": True} if suppress and suppress_eos_supported() else {}
     torch_suppress = bool(suppress and options)
 
-    def ours():
+    def ours(compute_dtype=None):
         return decoding.greedy_decode(
-            params, pair.config, latents, max_length=max_length, **options
+            params,
+            pair.config,
+            latents,
+            max_length=max_length,
+            compute_dtype=compute_dtype,
+            **options,
         )
-
-    start = time.perf_counter()
-    ours_tokens = ours()
-    first_call = time.perf_counter() - start
-    timing, rss = common.time_calls(ours, repeats, warmup=0)
-    jax.clear_caches()
-    start = time.perf_counter()
-    ours()
-    cached_call = time.perf_counter() - start
 
     def reference():
         return torch_generate(torch_model, latents, max_length, torch_suppress)
 
+    ours_tokens, first_call = {}, {}
+    for dtype in (None, "bfloat16"):
+        start = time.perf_counter()
+        ours_tokens[dtype] = ours(dtype)
+        first_call[dtype] = time.perf_counter() - start
     ref_tokens = reference()
-    ref_timing, ref_rss = common.time_calls(reference, min(repeats, 3), warmup=0)
+    timings = common.time_interleaved(
+        {None: ours, "bfloat16": functools.partial(ours, "bfloat16"), "torch": reference},
+        min(repeats, 3),
+        warmup=0,
+    )
+    cached_call = {}
+    for dtype in (None, "bfloat16"):
+        jax.clear_caches()
+        start = time.perf_counter()
+        ours(dtype)
+        cached_call[dtype] = time.perf_counter() - start
     padded = np.full((len(ref_tokens), max_length), vocab.PAD_ID, np.int64)
     padded[:, : ref_tokens.shape[1]] = ref_tokens
-    same_rows = float(np.mean((padded == ours_tokens).all(1)))
     n = len(latents)
     common_fields = {"workload": name, "latents": n, "max_length": max_length}
-    rows = [
-        {
-            **common_fields,
-            "side": "ours (jax)",
-            **timing.as_dict(),
-            "phrases_per_s": n / timing.median,
-            "mean_positions": float(generated_lengths(ours_tokens).mean()),
-            "compile_s": max(first_call - timing.median, 0.0),
-            "compile_cached_s": max(cached_call - timing.median, 0.0),
-            "rss_delta_mib": rss,
-            "rows_equal_to_torch": same_rows,
-            "eos_suppression": "suppress_eos option"
-            if options
-            else ("[EOS] embedding row zeroed on both sides" if suppress else "none"),
-        },
+    ref_timing, ref_rss = timings["torch"]
+    rows = []
+    for dtype in (None, "bfloat16"):
+        timing, rss = timings[dtype]
+        tokens = ours_tokens[dtype]
+        rows.append(
+            {
+                **common_fields,
+                "side": "ours (jax)" if dtype is None else "ours (jax), bfloat16 matmuls",
+                **timing.as_dict(),
+                "phrases_per_s": n / timing.median,
+                "mean_positions": float(generated_lengths(tokens).mean()),
+                "compile_s": max(first_call[dtype] - timing.median, 0.0),
+                "compile_cached_s": max(cached_call[dtype] - timing.median, 0.0),
+                "rss_delta_mib": rss,
+                "rows_equal_to_torch": float(np.mean((padded == tokens).all(1))),
+                "rows_equal_to_ours_float32": float(np.mean((ours_tokens[None] == tokens).all(1))),
+                "eos_suppression": "suppress_eos option"
+                if options
+                else ("[EOS] embedding row zeroed on both sides" if suppress else "none"),
+                "speedup_vs_torch": ref_timing.median / timing.median,
+            }
+        )
+    rows.append(
         {
             **common_fields,
             "side": "torch generate",
@@ -129,9 +150,8 @@ def compare(name, pair, params, torch_model, latents, max_length, suppress, repe
             "phrases_per_s": n / ref_timing.median,
             "mean_positions": float(generated_lengths(padded).mean()),
             "rss_delta_mib": ref_rss,
-        },
-    ]
-    rows[0]["speedup_vs_torch"] = ref_timing.median / timing.median
+        }
+    )
     return rows
 
 
@@ -200,6 +220,7 @@ def table(rows: list[dict]) -> str:
             "s",
             "phrases/s",
             "x torch",
+            "rows = torch",
             "compile s",
             "cached compile s",
             "RSS +MiB",
@@ -213,6 +234,7 @@ def table(rows: list[dict]) -> str:
                 r["median_s"],
                 r["phrases_per_s"],
                 r.get("speedup_vs_torch", "-"),
+                r.get("rows_equal_to_torch", "-"),
                 r.get("compile_s", "-"),
                 r.get("compile_cached_s", "-"),
                 r["rss_delta_mib"],

@@ -42,6 +42,17 @@ def test_every_case_and_the_machine_are_recorded(quick_result):
         assert positive(case["case_wall_s"])
 
 
+def test_time_interleaved_takes_turns_and_times_every_call():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = common.time_interleaved(fns, repeats=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotated rounds
+    for name in "abc":
+        timing, rss = timings[name]
+        assert len(timing.times) == 3 and all(t >= 0 for t in timing.times) and rss >= 0
+
+
 def test_dit_step_rows(quick_result):
     rows = quick_result["cases"]["dit_step"]["rows"]
     sides = {(r["side"], r["dtype"], r["batch"]) for r in rows}
@@ -79,11 +90,14 @@ def test_song_generation_rows(quick_result):
 def test_vae_decoding_uniform_work(quick_result):
     case = quick_result["cases"]["vae_decoding"]
     rows = [r for r in case["rows"] if r["workload"] == "uniform"]
-    assert [r["side"] for r in rows] == ["ours (jax)", "torch generate"]
+    sides = ["ours (jax)", "ours (jax), bfloat16 matmuls", "torch generate"]
+    assert [r["side"] for r in rows] == sides
     for r in rows:
-        assert positive(r["phrases_per_s"])
+        assert positive(r["phrases_per_s"]) and len(r["times_s"]) >= 1
         assert r["mean_positions"] == r["max_length"]  # [EOS] suppressed: every row runs all
     assert rows[0]["rows_equal_to_torch"] == 1.0  # same weights, same greedy tokens
+    assert 0.0 <= rows[1]["rows_equal_to_ours_float32"] <= 1.0
+    assert rows[1]["speedup_vs_torch"] == rows[2]["median_s"] / rows[1]["median_s"]
     assert "skipped" in case["real_songs"]  # no --vae_workdir given
 
 
