@@ -6,11 +6,9 @@ per call; torch's float32 matmul of the same size for comparison. DiT step (pape
 4, 512 slots): FLOPs from XLA's ``cost_analysis`` cross-checked with an analytic count (dense
 layers applied per token + attention's two products), divided by the measured step time.
 
-Breakdown, by timing variants of the same shapes in isolation (one block, times the number of
-blocks): the block's dense matmuls (fused qkv, attention out, SwiGLU in and out); the
-self-attention core (``dit.self_attention``) split into its two matmuls alone and the rest
-(scale, max, exp, sum, normalise: "softmax"); everything else in the step (rotary, layer
-norms, SwiGLU gate, residuals, transposes: memory traffic) is the step minus those.
+Breakdown of each step's time by what its XLA ops compute (dense matmuls, attention products,
+softmax, dtype converts, copies, other), from a profile of the compiled step
+(``benchmarks.op_profile``).
 """
 
 from __future__ import annotations
@@ -22,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common, dit_step
-from phraseldm_jax import dit
+from benchmarks import common, dit_step, op_profile
+from phraseldm_jax import ldm
 
 
 def matmul_peak(n: int, dtype, repeats: int) -> dict[str, float]:
@@ -63,54 +61,6 @@ def analytic_flops(params, config, batch: int, length: int) -> dict[str, float]:
     return {"dense": batch * dense, "attention": batch * attn, "total": batch * (dense + attn)}
 
 
-def _time(fn, args, repeats) -> float:
-    compiled = jax.jit(fn).lower(*args).compile()
-    timing, _ = common.time_calls(lambda: jax.block_until_ready(compiled(*args)), repeats)
-    return timing.median
-
-
-def breakdown(params, config, batch: int, length: int, step_s: float, repeats: int) -> dict:
-    """Seconds per step spent in each part (see the module docstring), for float32."""
-    cfg = config.dit
-    block = params["dit"]["transformer_blocks_0"]
-    tokens, heads, head_dim = length + 1, cfg.num_attention_heads, cfg.attention_head_dim
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((batch, tokens, cfg.inner_dim)), jnp.float32)
-    kernels = [
-        block["attn1"]["qkv"]["kernel"],
-        block["attn1"]["out"]["kernel"],
-        block["ff"]["proj_in"]["kernel"],
-        block["ff"]["proj_out"]["kernel"],
-    ]
-
-    def dense_chain(h, qkv, out, ff_in, ff_out):
-        a = jnp.dot(h, qkv)[..., : h.shape[-1]]
-        b = jnp.dot(a, out)
-        c = jnp.dot(b, ff_in)[..., : ff_out.shape[0]]
-        return jnp.dot(c, ff_out)
-
-    q, k, v = (
-        jnp.asarray(rng.standard_normal((batch, heads, tokens, head_dim)), jnp.float32)
-        for _ in range(3)
-    )
-
-    def products_only(q, k, v):
-        logits = jnp.einsum("bhtd,bhsd->bhts", q, k)
-        return jnp.einsum("bhts,bhsd->bhtd", logits, v)
-
-    layers = cfg.num_layers
-    dense_s = layers * _time(dense_chain, (h, *kernels), repeats)
-    attention_s = layers * _time(dit.self_attention, (q, k, v), repeats)
-    products_s = layers * _time(products_only, (q, k, v), repeats)
-    parts = {
-        "dense_matmuls_s": dense_s,
-        "attention_products_s": products_s,
-        "softmax_and_attention_overhead_s": max(attention_s - products_s, 0.0),
-        "rest_s": max(step_s - dense_s - attention_s, 0.0),
-    }
-    return {**parts, **{k[:-2] + "_fraction": v / step_s for k, v in parts.items()}}
-
-
 def run(opts: common.Options) -> dict[str, Any]:
     n = 256 if opts.quick else 2048
     peaks = {
@@ -123,13 +73,23 @@ def run(opts: common.Options) -> dict[str, Any]:
     x, t, n_bars = dit_step.inputs(batch, length)
     steps = {}
     for dtype in ("float32", "bfloat16"):
+        config = dataclasses.replace(
+            pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype)
+        )
+        params = jax.device_put(ldm.inference_params(pair.params, config))  # as dit_step
         compiled, _ = common.compile_twice(
-            dit_step.jax_step(pair.config, dtype), pair.params, x, t, n_bars
+            dit_step.jax_step(pair.config, dtype), params, x, t, n_bars
         )
         timing, _ = common.time_calls(
-            lambda c=compiled: c(pair.params, x, t, n_bars).block_until_ready(), opts.repeats
+            lambda c=compiled, p=params: c(p, x, t, n_bars).block_until_ready(), opts.repeats
         )
-        steps[dtype] = {"median_s": timing.median, "flops_xla": common.compiled_flops(compiled)}
+        steps[dtype] = {
+            "median_s": timing.median,
+            "flops_xla": common.compiled_flops(compiled),
+            "breakdown": op_profile.profile_breakdown(
+                compiled, lambda c=compiled, p=params: c(p, x, t, n_bars).block_until_ready()
+            ),
+        }
     analytic = analytic_flops(pair.params, pair.config, batch, length)
     rows = []
     for dtype, peak in (("float32", "jax_float32"), ("bfloat16", "jax_bfloat16")):
@@ -147,20 +107,12 @@ def run(opts: common.Options) -> dict[str, Any]:
                 "fraction_of_peak": achieved / peaks[peak]["flops_per_s"],
             }
         )
-    parts = breakdown(
-        pair.params,
-        dataclasses.replace(pair.config),
-        batch,
-        length,
-        steps["float32"]["median_s"],
-        opts.repeats,
-    )
     return {
         "peaks": peaks,
         "analytic_flops": analytic,
         "rows": rows,
-        "breakdown_float32": parts,
-        "table": table(peaks, rows, parts),
+        "breakdown": {dtype: step["breakdown"] for dtype, step in steps.items()},
+        "table": table(peaks, rows, {dtype: step["breakdown"] for dtype, step in steps.items()}),
     }
 
 
@@ -184,9 +136,13 @@ def table(peaks: dict, rows: list[dict], parts: dict) -> str:
             for r in rows
         ],
     )
-    names = ("dense_matmuls", "attention_products", "softmax_and_attention_overhead", "rest")
     part_table = common.markdown_table(
-        ["float32 step time in", "ms", "share"],
-        [[k, 1e3 * parts[k + "_s"], f"{100 * parts[k + '_fraction']:.0f}%"] for k in names],
+        ["step time in (profile)", *(f"{d} ms" for d in parts), *(f"{d} share" for d in parts)],
+        [
+            [name]
+            + [1e3 * parts[d][name] for d in parts]
+            + [f"{100 * parts[d][name] / parts[d]['op_time_s']:.0f}%" for d in parts]
+            for name in (*op_profile.CATEGORIES, "op_time_s")
+        ],
     )
     return "\n\n".join([peak_table, step_table, part_table])

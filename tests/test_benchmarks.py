@@ -119,4 +119,9 @@ def test_matmul_peak_and_flops(quick_result):
         assert positive(r["achieved_flops_per_s"]) and positive(r["fraction_of_peak"])
         # XLA's count and the analytic one agree within 15% (XLA adds elementwise work)
         assert abs(r["flops_xla"] / r["flops_analytic"] - 1) < 0.15
-    assert positive(case["breakdown_float32"]["dense_matmuls_s"])
+    for dtype in ("float32", "bfloat16"):  # from a profile of the compiled step
+        parts = case["breakdown"][dtype]
+        assert positive(parts["dense_matmuls"]) and positive(parts["attention_products"])
+        assert math.isclose(
+            parts["op_time_s"], sum(parts[k] for k in parts if k != "op_time_s"), rel_tol=1e-9
+        )
