@@ -107,6 +107,12 @@ def test_self_attention_in_cache_sized_groups_matches_one_pass(monkeypatch):
     monkeypatch.setattr(dit, "_CPU_LOGITS_PER_CHUNK", 1 << 20)
     one_pass = jax.grad(lambda q: jnp.sum(dit.self_attention(q, k, v) ** 2))(q)
     np.testing.assert_allclose(np.asarray(grads), np.asarray(one_pass), atol=1e-5)
+    # a head's logits (3 x 11 x 11) over 3x the budget: queries in 4 blocks of 3 (one padded)
+    monkeypatch.setattr(dit, "_CPU_LOGITS_PER_CHUNK", 3 * 11 * 11 // 4 + 1)
+    blocked = jax.jit(dit.self_attention)(q, k, v)
+    np.testing.assert_allclose(np.asarray(blocked), expected, atol=1e-5)
+    blocked_grads = jax.grad(lambda q: jnp.sum(dit.self_attention(q, k, v) ** 2))(q)
+    np.testing.assert_allclose(np.asarray(blocked_grads), np.asarray(one_pass), atol=1e-5)
 
 
 def test_grouped_attention_maps_kv_head_j_to_query_heads_2j_and_2j_plus_1():
