@@ -203,39 +203,36 @@ def _query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: i
     return out.swapaxes(0, 1).reshape(batch, chunks * size, -1)[:, :length]
 
 
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked multi-head attention, q, k, v, output: [batch, heads, length, head_dim].
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any = None) -> jax.Array:
+    """Unmasked multi-head attention; q, k, v and the output: [batch, length, heads, head_dim].
 
-    On CPU the heads are processed a few at a time (each step's logits about
-    ``_CPU_LOGITS_PER_CHUNK`` elements, in cache), scanning over heads rather than the
-    batch so that a batch sharded over devices stays sharded; when one head's logits are
-    still more than twice that (large batches), its queries are split into blocks too (batch
-    16 x 512 slots: 1.6x faster attention). Elsewhere this is
-    ``jax.nn.dot_product_attention`` (fused kernels where the platform has them)."""
+    ``dtype``: the matmul operand dtype on accelerators (``jax.nn.dot_product_attention``,
+    fused kernels where the platform has them; None keeps q's). On CPU attention runs in
+    float32 whatever ``dtype`` (XLA:CPU's batched bfloat16 dots are slower than float32 ones),
+    a few heads at a time (each step's logits about ``_CPU_LOGITS_PER_CHUNK`` elements, in
+    cache), scanning over heads rather than the batch so that a batch sharded over devices
+    stays sharded; when one head's logits are still more than twice that (large batches), its
+    queries are split into blocks too (batch 16 x 512 slots: 1.6x faster attention). The
+    heads-first layout this needs is made by one transpose each way, in float32.
+    """
     if jax.default_backend() != "cpu":
-        swap = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
-        return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v)))
-    # XLA:CPU's batched bf16 dots are slower than float32 ones: attention stays float32 here.
-    dtype = q.dtype
-    batch, heads, length, _ = q.shape
-    head_logits = batch * length * k.shape[2]
+        dtype = q.dtype if dtype is None else dtype
+        return jax.nn.dot_product_attention(*(a.astype(dtype) for a in (q, k, v)))
+    batch, length, heads, _ = q.shape
+    head_logits = batch * length * k.shape[1]
     group = max(1, _CPU_LOGITS_PER_CHUNK // head_logits)
-    if group >= heads:
-        return _softmax_attention(*(a.astype(jnp.float32) for a in (q, k, v))).astype(dtype)
-    heads_first = lambda a: jnp.swapaxes(a, 0, 1).astype(jnp.float32)  # noqa: E731
+    heads_first = lambda a: jnp.transpose(a.astype(jnp.float32), (2, 0, 1, 3))  # noqa: E731
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)  # [heads, batch, length, head_dim]
     query_chunks = -(-head_logits // _CPU_LOGITS_PER_CHUNK)
-    if query_chunks > 2:
+    if group >= heads:
+        out = _softmax_attention(q, k, v)
+    elif query_chunks > 2:
         out = jax.lax.map(
-            lambda qkv: _query_chunked_attention(*qkv, chunks=query_chunks),
-            (heads_first(q), heads_first(k), heads_first(v)),
+            lambda qkv: _query_chunked_attention(*qkv, chunks=query_chunks), (q, k, v)
         )
     else:
-        out = jax.lax.map(
-            lambda qkv: _softmax_attention(*qkv),
-            (heads_first(q), heads_first(k), heads_first(v)),
-            batch_size=group,
-        )
-    return jnp.swapaxes(out, 0, 1).astype(dtype)
+        out = jax.lax.map(lambda qkv: _softmax_attention(*qkv), (q, k, v), batch_size=group)
+    return jnp.transpose(out, (1, 2, 0, 3))
 
 
 def attention(
@@ -337,14 +334,10 @@ class SelfAttention(nn.Module):
         qkv = qkv.reshape(batch, length, 3, self.num_heads, self.head_dim)
         cos, sin = (table[:, None, :] for table in rotary)  # broadcast over heads
 
-        def heads_first(a):  # [batch, length, heads, head_dim] -> [batch, heads, length, ...]
-            return jnp.transpose(a.astype(self.dtype), (0, 2, 1, 3))
-
-        q = heads_first(apply_partial_rotary(qkv[:, :, 0], cos, sin))
-        k = heads_first(apply_partial_rotary(qkv[:, :, 1], cos, sin))
-        out = self_attention(q, k, heads_first(qkv[:, :, 2]))
-        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, length, inner)
-        return Dense(dim, dtype=self.dtype, name="out")(out)
+        q = apply_partial_rotary(qkv[:, :, 0], cos, sin)
+        k = apply_partial_rotary(qkv[:, :, 1], cos, sin)
+        out = self_attention(q, k, qkv[:, :, 2], self.dtype)
+        return Dense(dim, dtype=self.dtype, name="out")(out.reshape(batch, length, inner))
 
 
 class CrossAttention(nn.Module):

@@ -96,22 +96,27 @@ def _reference_attention(q, k, v):
 
 def test_self_attention_in_cache_sized_groups_matches_one_pass(monkeypatch):
     rng = np.random.RandomState(3)
-    q, k, v = (rng.randn(3, 5, 11, 8).astype(np.float32) for _ in range(3))
+    q, k, v = (rng.randn(3, 5, 11, 8).astype(np.float32) for _ in range(3))  # [b, heads, t, d]
+
+    def self_attention(q, k, v):  # dit.self_attention takes and gives [batch, t, heads, d]
+        out = dit.self_attention(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)))
+        return jnp.swapaxes(out, 1, 2)
+
     expected = _reference_attention(q, k, v)
-    np.testing.assert_allclose(np.asarray(dit.self_attention(q, k, v)), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(self_attention(q, k, v)), expected, atol=1e-5)
     # 2 heads per step: 5 heads = 2 steps and a remainder.
     monkeypatch.setattr(dit, "_CPU_LOGITS_PER_CHUNK", 2 * 3 * 11 * 11)
-    grouped = jax.jit(dit.self_attention)(q, k, v)
+    grouped = jax.jit(self_attention)(q, k, v)
     np.testing.assert_allclose(np.asarray(grouped), expected, atol=1e-5)
-    grads = jax.grad(lambda q: jnp.sum(dit.self_attention(q, k, v) ** 2))(q)
+    grads = jax.grad(lambda q: jnp.sum(self_attention(q, k, v) ** 2))(q)
     monkeypatch.setattr(dit, "_CPU_LOGITS_PER_CHUNK", 1 << 20)
-    one_pass = jax.grad(lambda q: jnp.sum(dit.self_attention(q, k, v) ** 2))(q)
+    one_pass = jax.grad(lambda q: jnp.sum(self_attention(q, k, v) ** 2))(q)
     np.testing.assert_allclose(np.asarray(grads), np.asarray(one_pass), atol=1e-5)
     # a head's logits (3 x 11 x 11) over 3x the budget: queries in 4 blocks of 3 (one padded)
     monkeypatch.setattr(dit, "_CPU_LOGITS_PER_CHUNK", 3 * 11 * 11 // 4 + 1)
-    blocked = jax.jit(dit.self_attention)(q, k, v)
+    blocked = jax.jit(self_attention)(q, k, v)
     np.testing.assert_allclose(np.asarray(blocked), expected, atol=1e-5)
-    blocked_grads = jax.grad(lambda q: jnp.sum(dit.self_attention(q, k, v) ** 2))(q)
+    blocked_grads = jax.grad(lambda q: jnp.sum(self_attention(q, k, v) ** 2))(q)
     np.testing.assert_allclose(np.asarray(blocked_grads), np.asarray(one_pass), atol=1e-5)
 
 
