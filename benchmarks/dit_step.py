@@ -29,13 +29,16 @@ def inputs(batch: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return x, t, n_bars
 
 
-def jax_step(config, dtype: str):
-    """jit((params, x, t, n_bars) -> eps) of ``config`` with compute ``dtype``."""
-    from phraseldm_jax.ldm import PhraseLDM
+def jax_step(pair: common.LdmPair, dtype: str):
+    """(jit((params, x, t, n_bars) -> eps), params) of ``pair`` with compute ``dtype``; the
+    params hold the matmul kernels in ``dtype`` (``ldm.inference_params``), as the sampler
+    casts them once rather than at every step."""
+    from phraseldm_jax import ldm
 
-    config = dataclasses.replace(config, dit=dataclasses.replace(config.dit, dtype=dtype))
-    model = PhraseLDM(config)
-    return jax.jit(lambda p, x, t, n: model.apply({"params": p}, x, t, n))
+    config = dataclasses.replace(pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype))
+    model = ldm.PhraseLDM(config)
+    params = jax.device_put(ldm.inference_params(pair.params, config))
+    return jax.jit(lambda p, x, t, n: model.apply({"params": p}, x, t, n)), params
 
 
 def torch_step(torch_model, x, t, n_bars, bf16: bool):
@@ -52,8 +55,6 @@ def torch_step(torch_model, x, t, n_bars, bf16: bool):
 
 
 def run(opts: common.Options) -> dict[str, Any]:
-    from phraseldm_jax import ldm
-
     pair = common.ldm_pair(opts.quick)
     length = 32 if opts.quick else 512
     batches = (1, 2) if opts.quick else (1, 4, 16)
@@ -67,14 +68,8 @@ def run(opts: common.Options) -> dict[str, Any]:
             raise AssertionError("torch_ldm_forward differs from ReferencePhraseLDM.predict_noise")
         calls, fields = {}, {}
         for dtype in ("float32", "bfloat16"):
-            config = dataclasses.replace(
-                pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype)
-            )
-            # as the sampler runs it: kernels cast to the compute dtype once, not at each step
-            params = jax.device_put(ldm.inference_params(pair.params, config))
-            compiled, compile_times = common.compile_twice(
-                jax_step(pair.config, dtype), params, x, t, n_bars
-            )
+            step, params = jax_step(pair, dtype)
+            compiled, compile_times = common.compile_twice(step, params, x, t, n_bars)
             args = [jax.device_put(a) for a in (x, t, n_bars)]
 
             def call(compiled=compiled, params=params, args=args):

@@ -13,7 +13,6 @@ softmax, dtype converts, copies, other), from a profile of the compiled step
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -21,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, dit_step, op_profile
-from phraseldm_jax import ldm
 
 
 def matmul_peak(n: int, dtype, repeats: int) -> dict[str, float]:
@@ -73,13 +71,8 @@ def run(opts: common.Options) -> dict[str, Any]:
     x, t, n_bars = dit_step.inputs(batch, length)
     steps = {}
     for dtype in ("float32", "bfloat16"):
-        config = dataclasses.replace(
-            pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype)
-        )
-        params = jax.device_put(ldm.inference_params(pair.params, config))  # as dit_step
-        compiled, _ = common.compile_twice(
-            dit_step.jax_step(pair.config, dtype), params, x, t, n_bars
-        )
+        step, params = dit_step.jax_step(pair, dtype)
+        compiled, _ = common.compile_twice(step, params, x, t, n_bars)
         timing, _ = common.time_calls(
             lambda c=compiled, p=params: c(p, x, t, n_bars).block_until_ready(), opts.repeats
         )

@@ -162,6 +162,11 @@ def init_params(rng: jax.Array, config: PhraseLDMConfig, length: int = 8) -> dic
     return jax.jit(PhraseLDM(config).init)(rng, **example_inputs(config, 1, length))["params"]
 
 
+def _path_names(path) -> list[str]:
+    """The keys of a ``tree_map_with_path`` path, e.g. ["dit", "proj_in", "kernel"]."""
+    return [getattr(p, "key", str(p)) for p in path]
+
+
 def trainable_mask(params: Mapping, config: PhraseLDMConfig) -> Any:
     """Pytree of bools like ``params``: False for weights that must never change.
 
@@ -171,7 +176,7 @@ def trainable_mask(params: Mapping, config: PhraseLDMConfig) -> Any:
     ``optax.masked`` or ``optax.multi_transform``."""
 
     def is_trainable(path, _leaf) -> bool:
-        names = [getattr(p, "key", str(p)) for p in path]
+        names = _path_names(path)
         if names[:2] == ["dit", "time_proj"]:
             return False
         if names[0] in ("length_encoder", "sec_encoder"):
@@ -195,7 +200,7 @@ def inference_params(params: Mapping, config: PhraseLDMConfig) -> dict:
         return dict(params)
 
     def cast(path, leaf):
-        names = [getattr(p, "key", str(p)) for p in path]
+        names = _path_names(path)
         return leaf.astype(dtype) if names[0] == "dit" and names[-1] == "kernel" else leaf
 
     return jax.tree_util.tree_map_with_path(cast, dict(params))
