@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="songs sampled together")
     p.add_argument("--max_decode_length", type=int, default=128, help="tokens per phrase")
     p.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=0,
+        help="on CPU, jax devices to split the host into (songs and decode rows run one program "
+        "per device at once); 0 = one per core, 1 = a single device",
+    )
+    p.add_argument(
         "--force_length",
         action="store_true",
         help="write exactly the requested bars, read by position from the latent layout, even "
@@ -116,6 +123,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--tempo must be > 0, got {args.tempo}")
     if args.max_decode_length < 2:
         parser.error(f"--max_decode_length must be >= 2, got {args.max_decode_length}")
+    if args.cpu_devices < 0:
+        parser.error(f"--cpu_devices must be >= 0, got {args.cpu_devices}")
     args.semitones = 0
     if args.key is not None:
         try:
@@ -253,7 +262,10 @@ def main(argv=None, decoder=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    from phraseldm_jax import sampling
+    from phraseldm_jax import sampling, sharding
+
+    sharding.use_cpu_cores(args.cpu_devices or None)  # before any jax computation
+    import jax
 
     started = time.perf_counter()
     try:
@@ -266,7 +278,9 @@ def main(argv=None, decoder=None) -> int:
         vae_workdir = args.vae_workdir or model.vae_workdir
         if not vae_workdir:
             parser.error(f"{args.checkpoint} names no PhraseVAE: give --vae_workdir")
-        decoder = sampling.VAEDecoder.from_workdir(vae_workdir, max_length=args.max_decode_length)
+        decoder = sampling.VAEDecoder.from_workdir(
+            vae_workdir, max_length=args.max_decode_length, devices=jax.local_devices()
+        )
     loaded = time.perf_counter()
     summary = run(args, model, decoder, log=lambda m: print(m, file=sys.stderr))
     summary["timings"]["load_s"] = loaded - started

@@ -43,6 +43,7 @@ from phraseldm_jax.conditioning import MAX_SECTIONS
 from phraseldm_jax.ldm import PhraseLDM, PhraseLDMConfig, inference_params
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.sharding import BATCH_AXES
+from phraseldm_jax.vocab import SEP_ID
 
 CLIP_MODES = ("scaled", "reference", "none")
 SLOTS_PER_BAR = 4  # three track slots and the bar slot (ARCHITECTURE.md, song latent layout)
@@ -311,9 +312,18 @@ class PhraseDecoder(Protocol):
 
 
 class VAEDecoder:
-    """The frozen PhraseVAE decoder (greedy, jitted, with early exit): latents -> phrases."""
+    """The frozen PhraseVAE decoder (greedy, jitted, with early exit): latents -> phrases.
+    ``devices``: the rows are split over them (``decoding.greedy_decode``); None: one device."""
 
-    def __init__(self, params: Any, config, *, max_length: int = 128, batch_size: int = 4096):
+    def __init__(
+        self,
+        params: Any,
+        config,
+        *,
+        max_length: int = 128,
+        batch_size: int = 4096,
+        devices: Sequence[jax.Device] | None = None,
+    ):
         from phraseldm_jax import vae as vae_lib
 
         if not isinstance(config, vae_lib.PhraseVAEConfig):
@@ -322,6 +332,7 @@ class VAEDecoder:
             raise ValueError(f"the LDM needs a stage-3 PhraseVAE (head 'vae'), got {config.head!r}")
         self.params, self.config = jax.device_put(params), config
         self.max_length, self.batch_size = max_length, batch_size
+        self.devices = None if devices is None else list(devices)
 
     @classmethod
     def from_workdir(cls, workdir: str, which: str = "best", **kwargs) -> VAEDecoder:
@@ -347,17 +358,26 @@ class VAEDecoder:
             params = checkpointing.load_params(workdir, "latest" if which == "best" else "best")
         return cls(params, model, **kwargs)
 
-    def decode(self, latents: np.ndarray) -> list[str]:
+    def _tokens(self, latents: np.ndarray, max_length: int) -> np.ndarray:
         from phraseldm_jax import decoding
 
-        tokens = decoding.greedy_decode(
+        return decoding.greedy_decode(
             self.params,
             self.config,
             np.asarray(latents, np.float32),
-            max_length=self.max_length,
+            max_length=max_length,
             batch_size=self.batch_size,
+            devices=self.devices,
         )
-        return decoding.tokens_to_phrases(tokens)
+
+    def decode(self, latents: np.ndarray) -> list[str]:
+        from phraseldm_jax import decoding
+
+        return decoding.tokens_to_phrases(self._tokens(latents, self.max_length))
+
+    def first_tokens(self, latents: np.ndarray) -> np.ndarray:
+        """[N] int: the first token each latent decodes to (one greedy step)."""
+        return self._tokens(latents, 2)[:, 1]
 
 
 @dataclasses.dataclass
@@ -411,16 +431,49 @@ def song_from_slots(slots: Sequence[str], n_bars: int | None = None) -> Song:
     return Song(list(slots), text, count, multitrack, error, bars_before_sep)
 
 
+def song_ends(first_tokens: np.ndarray) -> np.ndarray:
+    """[num_songs, length] first decoded token of every slot -> [num_songs] index of each
+    song's first slot that starts with ``[SEP]`` (``length`` when none does)."""
+    starts_with_sep = np.asarray(first_tokens) == SEP_ID
+    return np.where(starts_with_sep.any(1), starts_with_sep.argmax(1), starts_with_sep.shape[1])
+
+
 def decode_songs(
-    decoder: PhraseDecoder, latents: np.ndarray, n_bars: int | None = None
+    decoder: PhraseDecoder,
+    latents: np.ndarray,
+    n_bars: int | None = None,
+    *,
+    past_the_end: bool = False,
 ) -> list[Song]:
-    """Raw latents [num_songs, length, 64] -> Songs (every slot decoded in one call);
-    ``n_bars`` forces every song's length (``song_from_slots``)."""
+    """Raw latents [num_songs, length, 64] -> Songs (the slots decoded in one call);
+    ``n_bars`` forces every song's length (``song_from_slots``).
+
+    A natural-length song stops at its first ``[SEP]``, so when the decoder reports first
+    tokens (``VAEDecoder.first_tokens``, one greedy step per slot) the slots after a song's
+    first slot that starts with ``[SEP]`` are not decoded: same text, bars and MIDI, and an
+    undertrained model leaves most of its 512 slots past the end, often as rows that never
+    emit ``[EOS]``. Their ``slots`` entries are then ``""`` and the ``[SEP]`` slot's is
+    ``"[SEP]"``. ``past_the_end=True`` (or a forced length, which reads slots by position)
+    decodes every slot."""
     latents = np.asarray(latents, np.float32)
     n, length, dim = latents.shape
-    texts = decoder.decode(latents.reshape(n * length, dim))
-    if len(texts) != n * length:
-        raise ValueError(f"decoder returned {len(texts)} phrases for {n * length} latents")
+    flat = latents.reshape(n * length, dim)
+    if n_bars is not None or past_the_end or not hasattr(decoder, "first_tokens"):
+        texts = decoder.decode(flat)
+        if len(texts) != n * length:
+            raise ValueError(f"decoder returned {len(texts)} phrases for {n * length} latents")
+    else:
+        ends = song_ends(np.asarray(decoder.first_tokens(flat)).reshape(n, length))
+        rows = np.concatenate([i * length + np.arange(end) for i, end in enumerate(ends)])
+        decoded = decoder.decode(flat[rows]) if len(rows) else []
+        if len(decoded) != len(rows):
+            raise ValueError(f"decoder returned {len(decoded)} phrases for {len(rows)} latents")
+        texts = [""] * (n * length)
+        for row, text in zip(rows, decoded):
+            texts[row] = text
+        for i, end in enumerate(ends):
+            if end < length:
+                texts[i * length + end] = phrases.SEP_TOKEN
     return [song_from_slots(texts[i * length : (i + 1) * length], n_bars) for i in range(n)]
 
 

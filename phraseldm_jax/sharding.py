@@ -9,6 +9,7 @@ their largest dimension that the fsdp size divides, everything else is replicate
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -140,3 +141,29 @@ def fetch(tree: Any) -> Any:
         return x.item() if np.ndim(x) == 0 else np.asarray(x)
 
     return jax.tree.map(to_host, tree)
+
+
+HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def use_cpu_cores(count: int | None = None) -> int | None:
+    """Splits the host CPU into ``count`` jax devices (default: the cores this process may use)
+    and returns the number set, or None when it left things as they were.
+
+    XLA:CPU runs each program's batched matrix-vector products (the attention over a decode
+    cache, the DiT's attention) on one thread; with one device per core, work split over a mesh
+    (``sampling.LatentSampler``, ``decoding.greedy_decode(devices=...)``) runs one program per
+    core at once. Entry points call this before any jax computation; it does nothing when
+    ``XLA_FLAGS`` already sets the host device count (tests set 8), when ``count`` is 1, or when
+    jax's backends are already initialised (an in-process caller keeps its devices). Devices of
+    an accelerator backend are not affected.
+    """
+    if count is None:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not count or count <= 1 or HOST_DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", int(count))
+    except RuntimeError:  # backends initialised: too late to change the host devices
+        return None
+    return int(count)

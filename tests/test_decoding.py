@@ -121,6 +121,28 @@ def test_loop_exits_as_soon_as_every_row_has_finished(monkeypatch):
     assert positions == [eos.max()]  # one while_loop, stopped at the last [EOS]
 
 
+@pytest.mark.parametrize("num_devices", [2, 3])
+def test_rows_split_over_devices_give_the_same_tokens(num_devices, monkeypatch):
+    """Rows split over a mesh (3: batches rounded up to a multiple that is not a power of two)
+    give the plain greedy tokens; every state the loop runs on is split over the devices."""
+    devices = jax.devices()[:num_devices]
+    assert len(devices) == num_devices, "tests run with 8 host devices (conftest.py)"
+    spread = []
+    advance = decoding._advance
+
+    def spy(weights, config, state, *args):
+        spread.append((state.tokens.shape[0], len(state.tokens.sharding.device_set)))
+        return advance(weights, config, state, *args)
+
+    monkeypatch.setattr(decoding, "_advance", spy)
+    tokens = decoding.greedy_decode(
+        _lively_params(), VAE, _latents(), max_length=MAX_LENGTH, min_batch=2, devices=devices
+    )
+    np.testing.assert_array_equal(tokens, _reference_tokens())
+    assert len({rows for rows, _ in spread}) > 1, "compaction never shrank the batch"
+    assert all(n == num_devices and rows % num_devices == 0 for rows, n in spread)
+
+
 @pytest.mark.parametrize("head", ["query", "full_sequence"])
 def test_cached_greedy_equals_plain_greedy_for_memories(head):
     config = dataclasses.replace(VAE, head=head)

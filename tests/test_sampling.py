@@ -13,6 +13,7 @@ import pytest
 
 from phraseldm_jax import ldm, ldm_task, sampling, sharding
 from phraseldm_jax.remiz import MultiTrack
+from phraseldm_jax.vocab import SEP_ID
 
 LENGTH = 32  # latents per song (8 bars): small and fast; any sample_size runs
 
@@ -86,6 +87,51 @@ def test_clip_modes():
         sampling.SamplerSettings(clip="raw")
     with pytest.raises(ValueError, match="num_steps"):
         sampling.SamplerSettings(num_steps=0)
+
+
+def test_decoding_stops_at_each_songs_end_with_the_same_songs(monkeypatch):
+    """Slots past a song's first [SEP]-led slot are not decoded, and every song (text, bars,
+    MIDI or error) equals the one from decoding every slot. A tiny random PhraseVAE whose
+    [SEP] embedding copies (x1.05) the one of a frequent first token starts ~1 slot in 5 with
+    [SEP]."""
+    import test_decoding as tiny
+
+    params = tiny._lively_params()
+    embedding = params["t5"]["shared"]["embedding"]
+    params = {**params, "t5": {**params["t5"], "shared": {"embedding": embedding}}}
+    params["t5"]["shared"]["embedding"] = embedding.at[SEP_ID].set(embedding[266] * 1.05)
+    decoder = sampling.VAEDecoder(params, tiny.VAE, max_length=32)
+    pool = tiny._latents(200, seed=1)
+    first = decoder.first_tokens(pool)
+    sep, other = pool[first == SEP_ID], pool[first != SEP_ID]
+    assert len(sep) > 10 and len(other) > 100
+    songs = np.stack(
+        [
+            np.concatenate([other[:10], sep[:1], other[10:23]]),  # ends at slot 10
+            other[23:47],  # never ends
+            np.concatenate([sep[1:2], other[47:70]]),  # ends at once
+            pool[100:124],  # wherever the random pool puts its first [SEP]
+        ]
+    )
+    ends = sampling.song_ends(decoder.first_tokens(songs.reshape(-1, 16)).reshape(4, 24))
+    assert ends[:3].tolist() == [10, 24, 0]
+    decoded_rows = []
+    decode = decoder.decode
+    monkeypatch.setattr(decoder, "decode", lambda x: decoded_rows.append(len(x)) or decode(x))
+    cut = sampling.decode_songs(decoder, songs)
+    assert decoded_rows == [ends.sum()] and ends.sum() < songs.shape[0] * songs.shape[1]
+    full = sampling.decode_songs(decoder, songs, past_the_end=True)
+    assert decoded_rows[-1] == songs.shape[0] * songs.shape[1]
+    for song, end, reference in zip(cut, ends, full):
+        assert (song.text, song.n_bars, song.bars_before_sep, song.error) == (
+            reference.text,
+            reference.n_bars,
+            reference.bars_before_sep,
+            reference.error,
+        )
+        assert song.slots[:end] == reference.slots[:end]
+        assert all(text == "" for text in song.slots[end + 1 :])
+    assert cut[0].slots[10] == "[SEP]" and cut[2].text == "" and full[1].slots == cut[1].slots
 
 
 def test_decode_songs_stop_at_the_first_sep():

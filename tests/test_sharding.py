@@ -158,3 +158,39 @@ def test_global_batch_and_fetch():
     assert sharding.fetch(total(arrays)) == {"sum": float(np.sum(local["x"]))}
     with pytest.raises(ValueError, match="replicated"):
         sharding.fetch(arrays)
+
+
+_HOST_DEVICES_PROBE = """
+import json, os, sys
+from phraseldm_jax import sharding
+count = sharding.use_cpu_cores(int(sys.argv[1]))
+import jax
+devices = len(jax.devices("cpu"))  # initialises the backends
+late = sharding.use_cpu_cores(5)  # too late now: left alone
+print(json.dumps([count, devices, late, len(jax.devices("cpu"))]))
+"""
+
+
+@pytest.mark.parametrize(
+    "xla_flags, expected",
+    [("", [3, 3, None, 3]), ("--xla_force_host_platform_device_count=2", [None, 2, None, 2])],
+    ids=["splits-the-cpu", "xla-flags-win"],
+)
+def test_use_cpu_cores_in_a_fresh_process(xla_flags, expected):
+    """A fresh process gets the asked host devices, unless XLA_FLAGS already sets them; after
+    the backends exist the call changes nothing (and does not raise)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", _HOST_DEVICES_PROBE, "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
