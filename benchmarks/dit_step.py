@@ -12,10 +12,13 @@ call (``common.time_interleaved``) so that the machine's speed drifting moves al
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
 
@@ -39,6 +42,27 @@ def jax_step(pair: common.LdmPair, dtype: str):
     model = ldm.PhraseLDM(config)
     params = jax.device_put(ldm.inference_params(pair.params, config))
     return jax.jit(lambda p, x, t, n: model.apply({"params": p}, x, t, n)), params
+
+
+def our_sides(batch: int) -> list[tuple[str, list]]:
+    """(row label, devices) of our step: on one device and, when there are several local
+    devices (``sharding.use_cpu_cores`` on CPU), with the songs split over as many of them as
+    divide the batch, as ``sampling.LatentSampler`` runs them over a mesh."""
+    devices = jax.local_devices()
+    sides = [("ours (jax)", devices[:1])]
+    split = math.gcd(batch, len(devices))
+    if split > 1:
+        sides.append((f"ours (jax), {split} devices", devices[:split]))
+    return sides
+
+
+def place(params, arrays, devices):
+    """(params replicated on ``devices``, arrays split over them along the batch)."""
+    if len(devices) == 1:
+        return jax.device_put(params, devices[0]), [jax.device_put(a, devices[0]) for a in arrays]
+    mesh = Mesh(np.array(devices), ("songs",))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    return params, [jax.device_put(a, NamedSharding(mesh, P("songs"))) for a in arrays]
 
 
 def torch_step(torch_model, x, t, n_bars, bf16: bool):
@@ -68,20 +92,24 @@ def run(opts: common.Options) -> dict[str, Any]:
             raise AssertionError("torch_ldm_forward differs from ReferencePhraseLDM.predict_noise")
         calls, fields = {}, {}
         for dtype in ("float32", "bfloat16"):
-            step, params = jax_step(pair, dtype)
-            compiled, compile_times = common.compile_twice(step, params, x, t, n_bars)
-            args = [jax.device_put(a) for a in (x, t, n_bars)]
+            for side, devices in our_sides(batch):
+                step, params = jax_step(pair, dtype)
+                params, args = place(params, (x, t, n_bars), devices)
+                compiled, compile_times = common.compile_twice(step, params, *args)
 
-            def call(compiled=compiled, params=params, args=args):
-                return compiled(params, *args).block_until_ready()
+                def call(compiled=compiled, params=params, args=args):
+                    return compiled(params, *args).block_until_ready()
 
-            calls[("ours (jax)", dtype)] = call
-            fields[("ours (jax)", dtype)] = {
-                "max_abs_diff_vs_torch_f32": float(np.abs(np.asarray(call()) - reference).max()),
-                "flops_xla": common.compiled_flops(compiled),
-                **compile_times,
-                **common.compiled_memory_mib(compiled),
-            }
+                calls[(side, dtype)] = call
+                fields[(side, dtype)] = {
+                    "devices": len(devices),
+                    "max_abs_diff_vs_torch_f32": float(
+                        np.abs(np.asarray(call()) - reference).max()
+                    ),
+                    "flops_xla": common.compiled_flops(compiled),
+                    **compile_times,
+                    **common.compiled_memory_mib(compiled),
+                }
         for bf16 in (False, True):
             name = "bfloat16 autocast" if bf16 else "float32"
             step = torch_step(pair.torch_model, x, t, n_bars, bf16)

@@ -12,6 +12,9 @@ Cases: ``dit_step`` (a), ``song_generation`` (b), ``vae_decoding`` (c), ``train_
 Every case reports compile time apart from run time (first compile, and the same program
 compiled again from the persistent compilation cache, ``--cache_dir``) and peak memory (e).
 Prints markdown tables and writes JSON (default ``benchmarks/results/benchmarks.json``).
+On CPU the run first splits the host into one jax device per core (``--cpu_devices``,
+``sharding.use_cpu_cores``); the DiT step and decoding cases add rows with their work split over
+those devices, and the song case decodes over them (its sampler keeps one song on one device).
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ def parse_args(argv):
         "--ldm_workdir", default="", help="trained PhraseLDM: end-to-end songs, both sides"
     )
     p.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=0,
+        help="jax devices to split the CPU into (sharding.use_cpu_cores; 0 = one per core, "
+        "1 = one device); cases add rows with the work split over them",
+    )
+    p.add_argument(
         "--torch_ddpm_steps", type=int, default=20, help="reference DDPM steps run (then x1000/N)"
     )
     args = p.parse_args(argv)
@@ -49,6 +59,8 @@ def parse_args(argv):
         p.error(f"unknown cases {unknown}; use {CASES}")
     if args.repeats < 1 or args.threads < 1 or args.torch_ddpm_steps < 1:
         p.error("--repeats, --threads and --torch_ddpm_steps must be >= 1")
+    if args.cpu_devices < 0:
+        p.error(f"--cpu_devices must be >= 0, got {args.cpu_devices}")
     return args, cases
 
 
@@ -56,6 +68,9 @@ def main(argv=None) -> int:
     from benchmarks import common
 
     args, cases = parse_args(argv)
+    from phraseldm_jax import sharding
+
+    sharding.use_cpu_cores(args.cpu_devices or None)  # before any jax computation
     cached_entries = common.enable_compilation_cache(args.cache_dir)
     common.set_torch_threads(args.threads)
     opts = common.Options(

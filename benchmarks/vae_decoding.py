@@ -79,19 +79,33 @@ def generated_lengths(tokens: np.ndarray) -> np.ndarray:
     return np.where(has_eos, first, tokens.shape[1])
 
 
+def our_variants() -> dict[str, tuple[str | None, list | None]]:
+    """Our decoder's settings, by row label: (compute dtype, devices); rows split over every
+    local device too when there are several (``sharding.use_cpu_cores`` on CPU)."""
+    variants = {"ours (jax)": (None, None), "ours (jax), bfloat16 matmuls": ("bfloat16", None)}
+    devices = jax.local_devices()
+    if len(devices) > 1:
+        for label, (dtype, _) in list(variants.items()):
+            variants[f"{label}, {len(devices)} devices"] = (dtype, devices)
+    return variants
+
+
 def compare(name, pair, params, torch_model, latents, max_length, suppress, repeats) -> list:
-    """Rows for ours (float32, and bfloat16 matmuls) and torch on one workload; the three take
-    turns call by call (``common.time_interleaved``)."""
+    """Rows for our variants (``our_variants``) and torch on one workload; they take turns
+    call by call (``common.time_interleaved``)."""
     options = {"suppress_eos": True} if suppress and suppress_eos_supported() else {}
     torch_suppress = bool(suppress and options)
+    variants = our_variants()
 
-    def ours(compute_dtype=None):
+    def ours(label):
+        dtype, devices = variants[label]
         return decoding.greedy_decode(
             params,
             pair.config,
             latents,
             max_length=max_length,
-            compute_dtype=compute_dtype,
+            compute_dtype=dtype,
+            devices=devices,
             **options,
         )
 
@@ -99,43 +113,43 @@ def compare(name, pair, params, torch_model, latents, max_length, suppress, repe
         return torch_generate(torch_model, latents, max_length, torch_suppress)
 
     ours_tokens, first_call = {}, {}
-    for dtype in (None, "bfloat16"):
+    for label in variants:
         start = time.perf_counter()
-        ours_tokens[dtype] = ours(dtype)
-        first_call[dtype] = time.perf_counter() - start
+        ours_tokens[label] = ours(label)
+        first_call[label] = time.perf_counter() - start
     ref_tokens = reference()
-    timings = common.time_interleaved(
-        {None: ours, "bfloat16": functools.partial(ours, "bfloat16"), "torch": reference},
-        min(repeats, 3),
-        warmup=0,
-    )
+    calls = {label: functools.partial(ours, label) for label in variants}
+    timings = common.time_interleaved({**calls, "torch": reference}, min(repeats, 3), warmup=0)
     cached_call = {}
-    for dtype in (None, "bfloat16"):
+    for label in variants:
         jax.clear_caches()
         start = time.perf_counter()
-        ours(dtype)
-        cached_call[dtype] = time.perf_counter() - start
+        ours(label)
+        cached_call[label] = time.perf_counter() - start
     padded = np.full((len(ref_tokens), max_length), vocab.PAD_ID, np.int64)
     padded[:, : ref_tokens.shape[1]] = ref_tokens
     n = len(latents)
     common_fields = {"workload": name, "latents": n, "max_length": max_length}
     ref_timing, ref_rss = timings["torch"]
+    float32 = ours_tokens["ours (jax)"]
     rows = []
-    for dtype in (None, "bfloat16"):
-        timing, rss = timings[dtype]
-        tokens = ours_tokens[dtype]
+    for label, (dtype, devices) in variants.items():
+        timing, rss = timings[label]
+        tokens = ours_tokens[label]
         rows.append(
             {
                 **common_fields,
-                "side": "ours (jax)" if dtype is None else "ours (jax), bfloat16 matmuls",
+                "side": label,
+                "compute_dtype": dtype or "float32",
+                "devices": len(devices) if devices else 1,
                 **timing.as_dict(),
                 "phrases_per_s": n / timing.median,
                 "mean_positions": float(generated_lengths(tokens).mean()),
-                "compile_s": max(first_call[dtype] - timing.median, 0.0),
-                "compile_cached_s": max(cached_call[dtype] - timing.median, 0.0),
+                "compile_s": max(first_call[label] - timing.median, 0.0),
+                "compile_cached_s": max(cached_call[label] - timing.median, 0.0),
                 "rss_delta_mib": rss,
                 "rows_equal_to_torch": float(np.mean((padded == tokens).all(1))),
-                "rows_equal_to_ours_float32": float(np.mean((ours_tokens[None] == tokens).all(1))),
+                "rows_equal_to_ours_float32": float(np.mean((float32 == tokens).all(1))),
                 "eos_suppression": "suppress_eos option"
                 if options
                 else ("[EOS] embedding row zeroed on both sides" if suppress else "none"),

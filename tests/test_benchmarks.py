@@ -60,13 +60,16 @@ def test_dit_step_rows(quick_result):
         assert ("ours (jax)", "float32", batch) in sides
         assert ("ours (jax)", "bfloat16", batch) in sides
         assert ("torch", "float32", batch) in sides
+    # batch 2 split over 2 of the 8 host devices, as the sampler would run it over a mesh
+    assert {("ours (jax), 2 devices", d, 2) for d in ("float32", "bfloat16")} <= sides
+    assert not any(side.endswith("devices") and batch == 1 for side, _, batch in sides)
     for r in rows:
         if "error" in r:  # torch bf16 autocast may be unsupported; then it says why
             assert r["side"] == "torch"
             continue
         assert positive(r["median_s"]) and positive(r["song_steps_per_s"])
         assert positive(r["speedup_vs_torch_f32"])
-        if r["side"] == "ours (jax)":
+        if r["side"].startswith("ours (jax)"):
             assert positive(r["compile_s"]) and positive(r["peak_mib"])
             assert positive(r["flops_xla"])
             tolerance = 1e-3 if r["dtype"] == "float32" else 0.5  # same weights as torch
@@ -90,14 +93,19 @@ def test_song_generation_rows(quick_result):
 def test_vae_decoding_uniform_work(quick_result):
     case = quick_result["cases"]["vae_decoding"]
     rows = [r for r in case["rows"] if r["workload"] == "uniform"]
-    sides = ["ours (jax)", "ours (jax), bfloat16 matmuls", "torch generate"]
+    devices = quick_result["machine"]["jax_devices"]
+    assert devices == 8  # conftest's host devices: the split rows run too
+    sides = ["ours (jax)", "ours (jax), bfloat16 matmuls"]
+    sides += [f"{side}, {devices} devices" for side in sides] + ["torch generate"]
     assert [r["side"] for r in rows] == sides
     for r in rows:
         assert positive(r["phrases_per_s"]) and len(r["times_s"]) >= 1
         assert r["mean_positions"] == r["max_length"]  # [EOS] suppressed: every row runs all
-    assert rows[0]["rows_equal_to_torch"] == 1.0  # same weights, same greedy tokens
+    for r in rows[0], rows[2]:  # float32, one device and split: the greedy tokens of torch
+        assert r["rows_equal_to_torch"] == 1.0 and r["compute_dtype"] == "float32"
+    assert [r["devices"] for r in rows[:4]] == [1, 1, devices, devices]
     assert 0.0 <= rows[1]["rows_equal_to_ours_float32"] <= 1.0
-    assert rows[1]["speedup_vs_torch"] == rows[2]["median_s"] / rows[1]["median_s"]
+    assert rows[1]["speedup_vs_torch"] == rows[-1]["median_s"] / rows[1]["median_s"]
     assert "skipped" in case["real_songs"]  # no --vae_workdir given
 
 
