@@ -224,26 +224,34 @@ def run(opts: common.Options) -> dict[str, Any]:
         song_latents = latents[0] if song_latents is None else song_latents
         rows.append({"side": "ours (jax)", "sampler": name, "steps": steps, **row})
 
-    def ours_decode():
+    def ours_decode(compute_dtype=None):
         return decoding.greedy_decode(
             vae.params,
             vae.config,
             song_latents,
             max_length=max_length,
+            compute_dtype=compute_dtype,
             devices=jax.local_devices(),
         )
 
     def torch_decode():
         return vae_decoding.torch_generate(vae.torch_model, song_latents, max_length, False)
 
-    ours_decode()  # compile
+    ours_decode(), ours_decode("bfloat16")  # compile
     decoders = common.time_interleaved(
-        {"ours": ours_decode, "torch": torch_decode}, max(1, repeats - 1), warmup=0
+        {
+            "ours": ours_decode,
+            "ours bf16": functools.partial(ours_decode, "bfloat16"),
+            "torch": torch_decode,
+        },
+        max(1, repeats - 1),
+        warmup=0,
     )
     (decode_timing, decode_rss), (torch_decode_timing, torch_decode_rss) = (
         decoders["ours"],
         decoders["torch"],
     )
+    bf16_decode_s = decoders["ours bf16"][0].median
     step_s = torch_ddpm_step_seconds(ldm, length, n_bars, opts.torch_ddpm_steps)
     reference = {
         "side": "torch (diffusers DDPM + generate)",
@@ -260,6 +268,9 @@ def run(opts: common.Options) -> dict[str, Any]:
         row.update(decode_s=decode_timing.median, decode_rss_delta_mib=decode_rss)
         row["total_s"] = row["sample_s"] + row["decode_s"]
         row["speedup_vs_reference"] = reference["total_s"] / row["total_s"]
+        row["decode_bf16_s"] = bf16_decode_s  # bfloat16 matmuls (decoding.greedy_decode)
+        row["total_bf16_decode_s"] = row["sample_s"] + bf16_decode_s
+        row["speedup_bf16_decode_vs_reference"] = reference["total_s"] / row["total_bf16_decode_s"]
     rows.append(reference)
     quality = read_quality(opts.results_dir)
     text = table(rows, n_bars)
@@ -295,9 +306,9 @@ def table(rows: list[dict], n_bars: int) -> str:
             "sampler",
             "steps",
             "sampling s",
-            "decoding s",
+            "decoding s (f32 / bf16 matmuls)",
             f"total s ({n_bars} bars)",
-            "x reference",
+            "x reference (f32 / bf16 decoding)",
             "compile s",
             "cached compile s",
             "RSS +MiB",
@@ -313,9 +324,12 @@ def table(rows: list[dict], n_bars: int) -> str:
                     if "extrapolated_from_steps" in r
                     else ""
                 ),
-                r["decode_s"],
+                f"{r['decode_s']:.3g}"
+                + (f" / {r['decode_bf16_s']:.3g}" if "decode_bf16_s" in r else ""),
                 r["total_s"],
-                r.get("speedup_vs_reference", 1.0),
+                f"{r['speedup_vs_reference']:.3g} / {r['speedup_bf16_decode_vs_reference']:.3g}"
+                if "speedup_vs_reference" in r
+                else "1",
                 r.get("compile_s", "-"),
                 r.get("compile_cached_s", "-"),
                 r.get("rss_delta_mib", r.get("decode_rss_delta_mib", "-")),
