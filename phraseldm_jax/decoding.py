@@ -53,6 +53,9 @@ DEFAULT_MAX_LENGTH = 128
 # The cache grows in blocks of this many positions as the sequence advances, so attention reads
 # little more than the filled prefix (max_length / _CACHE_BLOCK shapes to compile).
 _CACHE_BLOCK = 32
+# With several devices a batch is split over them only while each gets at least this many rows
+# (smaller batches run on the first device: see _Placement).
+MIN_ROWS_PER_DEVICE = 32
 
 
 class _Layer(NamedTuple):
@@ -290,42 +293,52 @@ def _take_rows(state: _DecodeState, rows: jax.Array, live: jax.Array) -> _Decode
     return gathered._replace(position=state.position, finished=gathered.finished | ~live)
 
 
-def _bucket(n: int, minimum: int, multiple: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum), rounded up to a multiple of ``multiple``."""
-    size = 1 << (max(n, minimum) - 1).bit_length()
-    return -(-size // multiple) * multiple
+def _bucket(n: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
 
 
-class _Placement(NamedTuple):
-    """Where the decode state lives: rows split over ``devices``, weights replicated."""
+class _Placement:
+    """Where a batch of rows runs: split over every device while each gets at least
+    ``min_rows_per_device`` rows, else on the first device alone (for small batches the
+    per-step synchronisation of the split costs more than the extra cores give). Holds the
+    weights on both."""
 
-    rows: NamedSharding | None  # None: one device, jax's default placement
-    replicated: NamedSharding | None
-
-    @classmethod
-    def over(cls, devices) -> _Placement:
+    def __init__(self, devices, params, weights, min_rows_per_device: int):
         devices = list(devices) if devices is not None else []
-        if len(devices) <= 1:
-            return cls(None, None)
-        mesh = Mesh(np.array(devices), ("rows",))
-        return cls(NamedSharding(mesh, P("rows")), NamedSharding(mesh, P()))
+        self.min_rows = min_rows_per_device
+        if devices:
+            self.single = jax.device_put((params, weights), devices[0])
+        else:  # jax's default device, uncommitted
+            self.single = jax.device_put((params, weights))
+        self.rows = self.replicated = None
+        if len(devices) > 1:
+            mesh = Mesh(np.array(devices), ("rows",))
+            self.rows, self.replicated = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
+            self.split = jax.device_put((params, weights), self.replicated)
 
-    @property
-    def num_devices(self) -> int:
-        return 1 if self.rows is None else self.rows.mesh.size
+    def splits(self, size: int) -> bool:
+        return self.rows is not None and size >= self.min_rows * self.rows.mesh.size
 
-    def put_weights(self, tree):
-        return (
-            jax.device_put(tree)
-            if self.replicated is None
-            else jax.device_put(tree, self.replicated)
-        )
+    def bucket(self, n: int, minimum: int) -> int:
+        """Batch size for ``n`` live rows: a power of two, a multiple of the devices if split."""
+        size = _bucket(n, minimum)
+        if self.splits(size):
+            devices = self.rows.mesh.size
+            size = -(-size // devices) * devices
+        return size
 
-    def put_state(self, state: _DecodeState) -> _DecodeState:
+    def weights(self, split: bool) -> tuple[Any, _Weights]:
+        """(params, decoder weights) for a split batch, or one on the first device."""
+        return self.split if split else self.single
+
+    def put_state(self, state: _DecodeState, split: bool) -> _DecodeState:
+        if split:
+            shardings = jax.tree.map(lambda _: self.rows, state._replace(position=None))
+            return jax.device_put(state, shardings._replace(position=self.replicated))
         if self.rows is None:
             return state
-        shardings = jax.tree.map(lambda _: self.rows, state._replace(position=None))
-        return jax.device_put(state, shardings._replace(position=self.replicated))
+        return jax.device_put(state, self.rows.mesh.devices.flat[0])
 
 
 def _check_options(max_length: int, batch_size: int, check_every: int, min_batch: int) -> None:
@@ -339,8 +352,6 @@ def _check_options(max_length: int, batch_size: int, check_every: int, min_batch
 
 
 def _decode_rows(
-    params,
-    weights,
     config,
     sources,
     masks,
@@ -354,14 +365,17 @@ def _decode_rows(
     placement,
 ) -> None:
     """Decodes ``sources[rows]`` (latents or memories) into ``out[rows]``."""
-    size = _bucket(len(rows), min_batch, placement.num_devices)
+    size = placement.bucket(len(rows), min_batch)
     live = np.arange(size) < len(rows)
     padded = np.concatenate([rows, np.full(size - len(rows), rows[0])])
     cache_length = min(_CACHE_BLOCK, max_length)
+    # The first chunk runs on one device: in a song most rows finish within it, and splitting
+    # a batch that is about to shrink costs more than it gains (A/B in docs/DECODING.md).
+    split = False
+    params, weights = placement.weights(split)
     state = _start(
         params, weights, config, sources[padded], masks[padded], live, max_length, cache_length
     )
-    state = placement.put_state(state)
     row_ids = np.where(live, padded, -1)
     position = 0
     while True:
@@ -374,19 +388,24 @@ def _decode_rows(
         position = int(state.position)
         done = bool(finished.all()) or position >= max_length - 1
         live_rows = np.flatnonzero(~finished)
-        new_size = size if done else _bucket(len(live_rows), min_batch, placement.num_devices)
-        if not done and new_size == size:
+        new_size = size if done else placement.bucket(len(live_rows), min_batch)
+        new_split = placement.splits(new_size)
+        if not done and new_size == size and new_split == split:
             continue
-        tokens = np.asarray(state.tokens)
-        leaving = (row_ids >= 0) & (finished | done)
-        out[row_ids[leaving]] = tokens[leaving]
-        if done:
-            return
-        keep = np.arange(new_size) < len(live_rows)
-        take = np.concatenate([live_rows, np.full(new_size - len(live_rows), live_rows[0])])
-        state = placement.put_state(_take_rows(state, take, keep))
-        row_ids = np.where(keep, row_ids[take], -1)
-        size = new_size
+        if done or new_size != size:
+            tokens = np.asarray(state.tokens)
+            leaving = (row_ids >= 0) & (finished | done)
+            out[row_ids[leaving]] = tokens[leaving]
+            if done:
+                return
+            keep = np.arange(new_size) < len(live_rows)
+            take = np.concatenate([live_rows, np.full(new_size - len(live_rows), live_rows[0])])
+            state = _take_rows(state, take, keep)
+            row_ids = np.where(keep, row_ids[take], -1)
+            size = new_size
+        split = new_split
+        state = placement.put_state(state, split)
+        params, weights = placement.weights(split)
 
 
 def with_compute_dtype(config: PhraseVAEConfig, compute_dtype: str | None) -> PhraseVAEConfig:
@@ -401,15 +420,14 @@ def _decode_all(params, config, sources, masks, **options) -> np.ndarray:
     batch_size = options.pop("batch_size")
     _check_options(max_length, batch_size, options["check_every"], options["min_batch"])
     config = with_compute_dtype(config, options.pop("compute_dtype"))
-    placement = _Placement.over(options.pop("devices"))
+    devices = options.pop("devices")
+    placement = _Placement(  # weights put on the devices once, not at every chunk
+        devices, params, decoder_weights(params, config), MIN_ROWS_PER_DEVICE
+    )
     out = np.full((len(sources), max_length), PAD_ID, np.int32)
-    params = placement.put_weights(params)  # once, not at every chunk
-    weights = placement.put_weights(decoder_weights(params, config))
     for start in range(0, len(sources), batch_size):
         rows = np.arange(start, min(start + batch_size, len(sources)))
-        _decode_rows(
-            params, weights, config, sources, masks, rows, out, placement=placement, **options
-        )
+        _decode_rows(config, sources, masks, rows, out, placement=placement, **options)
     return out
 
 

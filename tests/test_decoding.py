@@ -123,24 +123,36 @@ def test_loop_exits_as_soon_as_every_row_has_finished(monkeypatch):
 
 @pytest.mark.parametrize("num_devices", [2, 3])
 def test_rows_split_over_devices_give_the_same_tokens(num_devices, monkeypatch):
-    """Rows split over a mesh (3: batches rounded up to a multiple that is not a power of two)
-    give the plain greedy tokens; every state the loop runs on is split over the devices."""
+    """Rows split over several devices (3: batches rounded up to a multiple that is not a power
+    of two) give the plain greedy tokens. The first chunk runs on one device; later a batch is
+    split while every device gets at least MIN_ROWS_PER_DEVICE rows, else runs on one."""
     devices = jax.devices()[:num_devices]
     assert len(devices) == num_devices, "tests run with 8 host devices (conftest.py)"
+    min_rows = 4
+    monkeypatch.setattr(decoding, "MIN_ROWS_PER_DEVICE", min_rows)
     spread = []
     advance = decoding._advance
 
     def spy(weights, config, state, *args):
-        spread.append((state.tokens.shape[0], len(state.tokens.sharding.device_set)))
+        placed = {len(state.tokens.sharding.device_set), len(weights.head.sharding.device_set)}
+        assert len(placed) == 1, "weights and state on different devices"
+        spread.append((state.tokens.shape[0], placed.pop()))
         return advance(weights, config, state, *args)
 
     monkeypatch.setattr(decoding, "_advance", spy)
+    eos = _eos_positions(_reference_tokens())  # all rows that stop and two that never do
+    rows = np.concatenate([np.flatnonzero(eos > 0), np.flatnonzero(eos == -1)[:2]])
     tokens = decoding.greedy_decode(
-        _lively_params(), VAE, _latents(), max_length=MAX_LENGTH, min_batch=2, devices=devices
+        _lively_params(), VAE, _latents()[rows], max_length=MAX_LENGTH, min_batch=2, devices=devices
     )
-    np.testing.assert_array_equal(tokens, _reference_tokens())
-    assert len({rows for rows, _ in spread}) > 1, "compaction never shrank the batch"
-    assert all(n == num_devices and rows % num_devices == 0 for rows, n in spread)
+    np.testing.assert_array_equal(tokens, _reference_tokens()[rows])
+    # 33 rows in a power-of-two batch (a multiple of the devices), first chunk on one device
+    assert spread[0] == (-(-64 // num_devices) * num_devices, 1)
+    for rows, placed in spread[1:]:
+        split = rows >= min_rows * num_devices
+        assert placed == (num_devices if split else 1), (rows, placed)
+        assert not split or rows % num_devices == 0
+    assert {placed for _, placed in spread[1:]} == {1, num_devices}, spread
 
 
 @pytest.mark.parametrize("head", ["query", "full_sequence"])
