@@ -250,15 +250,27 @@ def _start(
     return _DecodeState(tokens, ~live, jnp.int32(0), cache, cross_kvs, memory_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "suppress_eos"), donate_argnames=("state",))
+@functools.partial(
+    jax.jit, static_argnames=("config", "suppress_eos", "split"), donate_argnames=("state",)
+)
 def _advance(
-    weights: _Weights, config, state: _DecodeState, stop: jax.Array, suppress_eos: bool = False
+    weights: _Weights,
+    config,
+    state: _DecodeState,
+    stop: jax.Array,
+    suppress_eos: bool = False,
+    split: bool = False,
 ) -> _DecodeState:
     """Greedy steps until column ``stop`` (<= cache length) is written or every row is finished.
 
-    ``suppress_eos``: the [EOS] logit is set to -inf before the argmax (rows never finish)."""
+    ``suppress_eos``: the [EOS] logit is set to -inf before the argmax (rows never finish).
+    ``split`` (the batch is split over devices): run to ``stop`` without the every-row-finished
+    exit, which would need a cross-device reduction at every step; the host checks between
+    chunks anyway."""
 
     def keep_going(s: _DecodeState) -> jax.Array:
+        if split:
+            return s.position < stop
         return (s.position < stop) & ~jnp.all(s.finished)
 
     def step(s: _DecodeState) -> _DecodeState:
@@ -383,7 +395,7 @@ def _decode_rows(
         if stop > cache_length:  # the loop reads positions up to stop - 1
             cache_length = min(-(-stop // _CACHE_BLOCK) * _CACHE_BLOCK, max_length)
             state = _grow_cache(state, cache_length)
-        state = _advance(weights, config, state, np.int32(stop), suppress_eos)
+        state = _advance(weights, config, state, np.int32(stop), suppress_eos, split)
         finished = np.asarray(state.finished)
         position = int(state.position)
         done = bool(finished.all()) or position >= max_length - 1
