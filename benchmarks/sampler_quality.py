@@ -15,7 +15,8 @@ comparison can be split into several invocations of a few minutes each::
 
 A run is ``sampler:steps`` plus optional ``:key=value`` overrides of ``eval.*``: ``seed``,
 ``clip`` (scaled | reference | none), ``spacing`` (leading | trailing | linspace), ``eta``,
-``clipped_eps`` (0 | 1, see ``diffusion.sample_loop``).
+``clipped_eps`` (0 | 1, see ``diffusion.sample_loop``), and ``dtype`` (the DiT's compute dtype
+while sampling, e.g. ``dtype=bfloat16``; not an ``eval.*`` key).
 Its name is the spec itself (e.g. ``dpmpp_2m:25:clip=none``).
 
 Timings (seconds, this machine): ``sample`` is the denoising loop without compilation,
@@ -32,7 +33,14 @@ import time
 from collections.abc import Sequence
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results", "sampler_quality.json")
-OVERRIDES = {"seed": int, "clip": str, "spacing": str, "eta": float, "clipped_eps": int}
+OVERRIDES = {
+    "seed": int,
+    "clip": str,
+    "spacing": str,
+    "eta": float,
+    "clipped_eps": int,
+    "dtype": str,
+}
 TABLE_COLUMNS = (
     ("run", "run"),
     ("seed", "seed"),
@@ -67,7 +75,9 @@ def parse_run(spec: str) -> dict:
         if not sep or key not in OVERRIDES:
             raise ValueError(f"run {spec!r}: bad override {item!r}; use one of {list(OVERRIDES)}")
         value = OVERRIDES[key](value)
-        run["timestep_spacing" if key == "spacing" else key] = (
+        if key == "dtype" and value not in ("float32", "bfloat16"):
+            raise ValueError(f"run {spec!r}: dtype must be float32 or bfloat16, got {value!r}")
+        run[{"spacing": "timestep_spacing", "dtype": "compute_dtype"}.get(key, key)] = (
             bool(value) if key == "clipped_eps" else value
         )
     return run

@@ -18,6 +18,7 @@ def test_parse_run():
         "seed": 3,
     }
     assert sampler_quality.parse_run("ddim:50:eta=0.5:clip=none")["eta"] == 0.5
+    assert sampler_quality.parse_run("dpmpp_2m:10:dtype=bfloat16")["compute_dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -28,6 +29,7 @@ def test_parse_run():
         ("ddim:ten", "not an integer"),
         ("ddim:10:foo=1", "bad override"),
         ("ddim:10:seed", "bad override"),
+        ("ddim:10:dtype=float16", "dtype must be"),
     ],
 )
 def test_parse_run_rejects_bad_specs(spec, message):
