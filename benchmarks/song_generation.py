@@ -18,7 +18,9 @@ costs (rows stop at [EOS]). The reference runs all 1000 DDPM steps there (no ext
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import json
 import os
 import time
@@ -33,6 +35,7 @@ from phraseldm_jax import decoding, sampling
 FAST_SAMPLERS = (("dpmpp_2m", 10), ("dpmpp_2m", 20), ("ddim", 25), ("ddim", 50))
 QUICK_SAMPLERS = (("dpmpp_2m", 2), ("ddim", 3))
 QUALITY_FILE = "sampler_quality.json"
+DIT_DTYPES = ("float32", "bfloat16")  # the sampler's DiT compute dtype (configs: dit.dtype)
 
 
 def torch_ddpm_step_seconds(pair: common.LdmPair, length: int, n_bars: int, steps: int) -> float:
@@ -58,18 +61,21 @@ def torch_ddpm_step_seconds(pair: common.LdmPair, length: int, n_bars: int, step
     return (time.perf_counter() - start) / steps
 
 
-def our_sampler(pair, settings, cond, repeats: int) -> tuple[np.ndarray, dict]:
-    """(raw latents [1, length, 64], timing row) of one fast sampler."""
+def our_sampler(pair, settings, cond, repeats: int, dtype: str) -> tuple[np.ndarray, dict]:
+    """(raw latents [1, length, 64], timing row) of one fast sampler, the DiT computing in
+    ``dtype``."""
     key = jax.random.PRNGKey(0)
-    first = sampling.LatentSampler(pair.config, settings)
+    config = dataclasses.replace(pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype))
+    first = sampling.LatentSampler(config, settings)
     latents = first(pair.params, key, cond)
     compile_s = first.compile_seconds
     jax.clear_caches()
-    again = sampling.LatentSampler(pair.config, settings)  # compiled from the persistent cache
+    again = sampling.LatentSampler(config, settings)  # compiled from the persistent cache
     again(pair.params, key, cond)
     compile_cached_s = again.compile_seconds
     timing, rss = common.time_calls(lambda: again(pair.params, key, cond), repeats, warmup=0)
     return latents, {
+        "dit_dtype": dtype,
         "sample_s": timing.median,
         "sample_times_s": timing.times,
         "compile_s": compile_s,
@@ -120,9 +126,9 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
         return sampling.decode_songs(decoder, latents[None], past_the_end=past_the_end)[0]
 
     rows = []
-    for name, steps in FAST_SAMPLERS:
+    for (name, steps), dtype in itertools.product(FAST_SAMPLERS, DIT_DTYPES):
         settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
-        latents, row = our_sampler(ldm, settings, cond, repeats)
+        latents, row = our_sampler(ldm, settings, cond, repeats, dtype)
         song = latents[0]
         decoded = decode_ours(song)  # compiles
         decode_ours(song, True)
@@ -179,7 +185,7 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
         "decode_devices": len(jax.local_devices()),
         "rows": rows,
         "table": common.markdown_table(
-            ["side", "sampler", "steps", "sampling s", "song end (slot, bars)"]
+            ["side", "sampler", "steps", "DiT dtype", "sampling s", "song end (slot, bars)"]
             + ["decoded slots: mean positions", "decoding s (to the end / every slot)"]
             + [f"total s ({n_bars}-bar request)", "x reference (to the end / every slot)"],
             [
@@ -187,6 +193,7 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
                     r["side"],
                     r["sampler"],
                     r["steps"],
+                    r.get("dit_dtype", "float32"),
                     r["sample_s"],
                     f"{r['song_end_slot']}, {r['bars']}",
                     r["mean_decoded_positions"],
@@ -218,9 +225,10 @@ def run(opts: common.Options) -> dict[str, Any]:
     cond = sampling.make_conditions(1, n_bars=n_bars)
     repeats = min(opts.repeats, 3)
     rows, song_latents = [], None
-    for name, steps in QUICK_SAMPLERS if opts.quick else FAST_SAMPLERS:
+    samplers = QUICK_SAMPLERS if opts.quick else FAST_SAMPLERS
+    for (name, steps), dtype in itertools.product(samplers, DIT_DTYPES):
         settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
-        latents, row = our_sampler(ldm, settings, cond, repeats)
+        latents, row = our_sampler(ldm, settings, cond, repeats, dtype)
         song_latents = latents[0] if song_latents is None else song_latents
         rows.append({"side": "ours (jax)", "sampler": name, "steps": steps, **row})
 
@@ -305,6 +313,7 @@ def table(rows: list[dict], n_bars: int) -> str:
             "side",
             "sampler",
             "steps",
+            "DiT dtype",
             "sampling s",
             "decoding s (f32 / bf16 matmuls)",
             f"total s ({n_bars} bars)",
@@ -318,6 +327,7 @@ def table(rows: list[dict], n_bars: int) -> str:
                 r["side"],
                 r["sampler"],
                 r["steps"],
+                r.get("dit_dtype", "float32"),
                 f"{r['sample_s']:.3g}"
                 + (
                     f" (extrapolated from {r['extrapolated_from_steps']} steps)"

@@ -81,6 +81,9 @@ def test_song_generation_rows(quick_result):
     ours = [r for r in case["rows"] if r["side"] == "ours (jax)"]
     reference = [r for r in case["rows"] if r["side"] != "ours (jax)"]
     assert {r["sampler"] for r in ours} == {"dpmpp_2m", "ddim"}
+    assert {(r["sampler"], r["dit_dtype"]) for r in ours} == {
+        (sampler, dtype) for sampler in ("dpmpp_2m", "ddim") for dtype in ("float32", "bfloat16")
+    }
     assert len(reference) == 1 and reference[0]["steps"] == 1000
     assert reference[0]["extrapolated_from_steps"] >= 1
     for r in case["rows"]:
