@@ -391,7 +391,10 @@ def _decode_rows(
     row_ids = np.where(live, padded, -1)
     position = 0
     while True:
-        stop = min(position + check_every, max_length - 1)
+        # A split batch is large and synchronises its devices at every check: check half as
+        # often (uniform 512 x 128 bf16 on 2 devices 4.13 -> 3.94 s, songs unchanged).
+        chunk = 2 * check_every if split else check_every
+        stop = min(position + chunk, max_length - 1)
         if stop > cache_length:  # the loop reads positions up to stop - 1
             cache_length = min(-(-stop // _CACHE_BLOCK) * _CACHE_BLOCK, max_length)
             state = _grow_cache(state, cache_length)
