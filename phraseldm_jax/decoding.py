@@ -474,8 +474,10 @@ def greedy_decode(
       compute_dtype: matmul dtype for this decode ("bfloat16" is ~4x faster on CPUs with AMX);
         None keeps ``config.t5.dtype``. Norms, softmax, logits and the argmax stay float32;
         bfloat16 tokens can differ from float32 ones where two logits are nearly tied.
-      devices: split the rows evenly over these devices (batches are rounded up to a multiple
-        of their number); None or one device: jax's default device. Same tokens either way.
+      devices: split large batches evenly over these devices (rounded up to a multiple of
+        their number; batches under ``MIN_ROWS_PER_DEVICE`` rows per device and the first
+        ``check_every`` steps run on the first of them); None: jax's default device. Same
+        tokens either way.
     Returns:
       int32 numpy [N, max_length]: ``[BOS]``, tokens, ``[EOS]``, then ``[PAD]``.
     """
