@@ -4,7 +4,9 @@ decoding of every latent into a phrase.
 Reference: the original's recipe, diffusers' ``DDPMScheduler`` (cosine betas, x0 clipped)
 over 1000 steps of the torch DiT, then ``generate`` on the 512 latents. The torch loop runs
 ``--torch_ddpm_steps`` steps and the 1000-step time is extrapolated from their mean (marked in
-the table). Ours: ``sampling.LatentSampler`` (the whole loop is one compiled ``lax.scan``) with
+the table). The reference's DDPM steps, both decoders and the DPM-Solver++ 10-step sampler take
+turns call by call (``common.time_interleaved``), and the whole-song speedup is also given
+round by round, every figure of a round timed in that round. Ours: ``sampling.LatentSampler`` (the whole loop is one compiled ``lax.scan``) with
 DPM-Solver++(2M) and DDIM at a few tens of steps, then ``decoding.greedy_decode``. Both decoders
 get the same latents (our sampler's) so they do the same work. Weights are random (paper
 size); quality per sampler on a trained model comes from ``sampler_quality.json`` in the
@@ -38,32 +40,32 @@ QUALITY_FILE = "sampler_quality.json"
 DIT_DTYPES = ("float32", "bfloat16")  # the sampler's DiT compute dtype (configs: dit.dtype)
 
 
-def torch_ddpm_step_seconds(pair: common.LdmPair, length: int, n_bars: int, steps: int) -> float:
-    """Mean seconds of one reference DDPM step (model + scheduler) over ``steps`` steps."""
+def torch_ddpm_steps(pair: common.LdmPair, length: int, n_bars: int, steps: int):
+    """A callable running ``steps`` reference DDPM steps (model + scheduler), always the same
+    ones (the first after step 0, from the same noise); one warm-up call made here."""
     import torch
 
     scheduler = pair.torch_model.scheduler()
     scheduler.set_timesteps(1000)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, length, 64, generator=generator)
     bars = torch.tensor([n_bars])
+    timesteps = scheduler.timesteps[1 : steps + 1]
 
-    def step(x, t):
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, length, 64, generator=generator)
         with torch.no_grad():
-            eps = common.torch_ldm_forward(pair.torch_model, x, t.reshape(1), bars)
-            return scheduler.step(eps, t, x, generator=generator).prev_sample
+            for t in timesteps:
+                eps = common.torch_ldm_forward(pair.torch_model, x, t.reshape(1), bars)
+                x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        return x
 
-    timesteps = scheduler.timesteps
-    x = step(x, timesteps[0])  # warm-up
-    start = time.perf_counter()
-    for t in timesteps[1 : steps + 1]:
-        x = step(x, t)
-    return (time.perf_counter() - start) / steps
+    run()
+    return run
 
 
-def our_sampler(pair, settings, cond, repeats: int, dtype: str) -> tuple[np.ndarray, dict]:
-    """(raw latents [1, length, 64], timing row) of one fast sampler, the DiT computing in
-    ``dtype``."""
+def our_sampler(pair, settings, cond, repeats: int, dtype: str) -> tuple[np.ndarray, dict, Any]:
+    """(raw latents [1, length, 64], timing row, a callable sampling again) of one fast
+    sampler, the DiT computing in ``dtype``."""
     key = jax.random.PRNGKey(0)
     config = dataclasses.replace(pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype))
     first = sampling.LatentSampler(config, settings)
@@ -73,15 +75,23 @@ def our_sampler(pair, settings, cond, repeats: int, dtype: str) -> tuple[np.ndar
     again = sampling.LatentSampler(config, settings)  # compiled from the persistent cache
     again(pair.params, key, cond)
     compile_cached_s = again.compile_seconds
-    timing, rss = common.time_calls(lambda: again(pair.params, key, cond), repeats, warmup=0)
-    return latents, {
-        "dit_dtype": dtype,
-        "sample_s": timing.median,
-        "sample_times_s": timing.times,
-        "compile_s": compile_s,
-        "compile_cached_s": compile_cached_s,
-        "rss_delta_mib": rss,
-    }
+
+    def sample():
+        return again(pair.params, key, cond)
+
+    timing, rss = common.time_calls(sample, repeats, warmup=0)
+    return (
+        latents,
+        {
+            "dit_dtype": dtype,
+            "sample_s": timing.median,
+            "sample_times_s": timing.times,
+            "compile_s": compile_s,
+            "compile_cached_s": compile_cached_s,
+            "rss_delta_mib": rss,
+        },
+        sample,
+    )
 
 
 def torch_ddpm_song(pair: common.LdmPair, n_bars: int) -> tuple[np.ndarray, float]:
@@ -128,7 +138,7 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
     rows = []
     for (name, steps), dtype in itertools.product(FAST_SAMPLERS, DIT_DTYPES):
         settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
-        latents, row = our_sampler(ldm, settings, cond, repeats, dtype)
+        latents, row, _ = our_sampler(ldm, settings, cond, repeats, dtype)
         song = latents[0]
         decoded = decode_ours(song)  # compiles
         decode_ours(song, True)
@@ -224,15 +234,21 @@ def run(opts: common.Options) -> dict[str, Any]:
     n_bars, max_length = length // 4, (16 if opts.quick else 128)
     cond = sampling.make_conditions(1, n_bars=n_bars)
     repeats = min(opts.repeats, 3)
-    rows, song_latents = [], None
-    samplers = QUICK_SAMPLERS if opts.quick else FAST_SAMPLERS
-    for (name, steps), dtype in itertools.product(samplers, DIT_DTYPES):
+    rows, song_latents, samplers = [], None, {}
+    sampler_list = QUICK_SAMPLERS if opts.quick else FAST_SAMPLERS
+    headline = sampler_list[0]  # the fastest: the whole-song comparison in turns uses it
+    for (name, steps), dtype in itertools.product(sampler_list, DIT_DTYPES):
         settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
-        latents, row = our_sampler(ldm, settings, cond, repeats, dtype)
+        latents, row, samplers[name, steps, dtype] = our_sampler(
+            ldm, settings, cond, repeats, dtype
+        )
         song_latents = latents[0] if song_latents is None else song_latents
         rows.append({"side": "ours (jax)", "sampler": name, "steps": steps, **row})
+    # One CacheBuffers per decoder setting, kept across its calls as sample.py's VAEDecoder
+    # keeps one (the cache grows into buffers the previous decode left).
+    buffers = {dtype: decoding.CacheBuffers() for dtype in DIT_DTYPES}
 
-    def ours_decode(compute_dtype=None):
+    def ours_decode(compute_dtype="float32"):
         return decoding.greedy_decode(
             vae.params,
             vae.config,
@@ -240,48 +256,53 @@ def run(opts: common.Options) -> dict[str, Any]:
             max_length=max_length,
             compute_dtype=compute_dtype,
             devices=jax.local_devices(),
+            buffers=buffers[compute_dtype],
         )
 
     def torch_decode():
         return vae_decoding.torch_generate(vae.torch_model, song_latents, max_length, False)
 
     ours_decode(), ours_decode("bfloat16")  # compile
-    decoders = common.time_interleaved(
-        {
-            "ours": ours_decode,
-            "ours bf16": functools.partial(ours_decode, "bfloat16"),
-            "torch": torch_decode,
-        },
-        max(1, repeats - 1),
-        warmup=0,
-    )
-    (decode_timing, decode_rss), (torch_decode_timing, torch_decode_rss) = (
-        decoders["ours"],
-        decoders["torch"],
-    )
-    bf16_decode_s = decoders["ours bf16"][0].median
-    step_s = torch_ddpm_step_seconds(ldm, length, n_bars, opts.torch_ddpm_steps)
+    ddpm_steps = opts.torch_ddpm_steps
+    # Everything the whole-song figures are made of takes turns call by call (a drift of the
+    # shared machine's speed then moves both sides alike): our decoders, generate, the
+    # reference's DDPM steps and the headline sampler in both DiT dtypes.
+    calls = {
+        "decode float32": ours_decode,
+        "decode bfloat16": functools.partial(ours_decode, "bfloat16"),
+        "torch generate": torch_decode,
+        "torch ddpm": torch_ddpm_steps(ldm, length, n_bars, ddpm_steps),
+        **{f"sample {dtype}": samplers[(*headline, dtype)] for dtype in DIT_DTYPES},
+    }
+    timed = common.time_interleaved(calls, max(1, repeats), warmup=0)
+    times = {name: timing.times for name, (timing, _) in timed.items()}
+    median = {name: timing.median for name, (timing, _) in timed.items()}
+    step_s = median["torch ddpm"] / ddpm_steps
     reference = {
         "side": "torch (diffusers DDPM + generate)",
         "sampler": "ddpm",
         "steps": 1000,
         "sample_s": 1000 * step_s,
-        "extrapolated_from_steps": opts.torch_ddpm_steps,
+        "extrapolated_from_steps": ddpm_steps,
         "step_s": step_s,
-        "decode_s": torch_decode_timing.median,
-        "decode_rss_delta_mib": torch_decode_rss,
+        "decode_s": median["torch generate"],
+        "decode_rss_delta_mib": timed["torch generate"][1],
     }
     reference["total_s"] = reference["sample_s"] + reference["decode_s"]
     for row in rows:
-        row.update(decode_s=decode_timing.median, decode_rss_delta_mib=decode_rss)
+        row.update(
+            decode_s=median["decode float32"],
+            decode_rss_delta_mib=timed["decode float32"][1],
+            decode_bf16_s=median["decode bfloat16"],  # bfloat16 matmuls
+        )
         row["total_s"] = row["sample_s"] + row["decode_s"]
         row["speedup_vs_reference"] = reference["total_s"] / row["total_s"]
-        row["decode_bf16_s"] = bf16_decode_s  # bfloat16 matmuls (decoding.greedy_decode)
-        row["total_bf16_decode_s"] = row["sample_s"] + bf16_decode_s
+        row["total_bf16_decode_s"] = row["sample_s"] + row["decode_bf16_s"]
         row["speedup_bf16_decode_vs_reference"] = reference["total_s"] / row["total_bf16_decode_s"]
     rows.append(reference)
+    whole_song = in_turns_ratios(times, ddpm_steps, headline)
     quality = read_quality(opts.results_dir)
-    text = table(rows, n_bars)
+    text = table(rows, n_bars) + "\n\n" + whole_song["table"]
     trained = None
     if opts.ldm_workdir and not opts.quick:
         trained = trained_end_to_end(opts, repeats)
@@ -300,11 +321,44 @@ def run(opts: common.Options) -> dict[str, Any]:
         "ldm_params": ldm.num_params,
         "vae_params": vae.num_params,
         "mean_decoded_positions": float(vae_decoding.generated_lengths(ours_decode()).mean()),
+        "cache_buffers_mib": {d: b.nbytes / 2**20 for d, b in buffers.items()},
         "rows": rows,
+        "whole_song_in_turns": whole_song,
         "trained_end_to_end": trained,
         "quality": quality,
         "table": text,
     }
+
+
+def in_turns_ratios(times: dict[str, list[float]], ddpm_steps: int, headline) -> dict[str, Any]:
+    """The whole-song speedup round by round: in round r the reference's song is
+    1000 / ddpm_steps x its DDPM call + generate, ours the headline sampler + our decoding,
+    all timed in that round. Per DiT/decoding dtype: every round's ratio and their median."""
+    rounds = len(times["torch ddpm"])
+    reference = [
+        1000 / ddpm_steps * times["torch ddpm"][r] + times["torch generate"][r]
+        for r in range(rounds)
+    ]
+    out, table_rows = {"reference_s": reference, "sampler": list(headline)}, []
+    for dtype in DIT_DTYPES:
+        ours = [times[f"sample {dtype}"][r] + times[f"decode {dtype}"][r] for r in range(rounds)]
+        ratios = [ref / our for ref, our in zip(reference, ours)]
+        out[dtype] = {"ours_s": ours, "ratios": ratios, "median_ratio": float(np.median(ratios))}
+        table_rows.append(
+            [
+                f"{headline[0]} {headline[1]} steps, DiT and decoding {dtype}",
+                ", ".join(f"{t:.2f}" for t in ours),
+                ", ".join(f"{t:.1f}" for t in reference),
+                ", ".join(f"{x:.1f}" for x in ratios),
+                float(np.median(ratios)),
+            ]
+        )
+    out["table"] = "Whole song, round by round (every figure of a round timed in that round):\n\n"
+    out["table"] += common.markdown_table(
+        ["ours", "ours s", "reference s (DDPM-1000 + generate)", "x reference", "median x"],
+        table_rows,
+    )
+    return out
 
 
 def table(rows: list[dict], n_bars: int) -> str:

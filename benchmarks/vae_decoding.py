@@ -34,6 +34,11 @@ def suppress_eos_supported() -> bool:
     return "suppress_eos" in inspect.signature(decoding.greedy_decode).parameters
 
 
+def buffers_supported() -> bool:
+    """Whether ``greedy_decode`` takes ``buffers`` (cache buffers kept between calls)."""
+    return "buffers" in inspect.signature(decoding.greedy_decode).parameters
+
+
 def torch_generate(torch_vae, latents: np.ndarray, max_length: int, suppress_eos: bool):
     """HF greedy ``generate`` from latents [N, latent_dim] -> int64 [N, <= max_length]."""
     import torch
@@ -96,6 +101,10 @@ def compare(name, pair, params, torch_model, latents, max_length, suppress, repe
     options = {"suppress_eos": True} if suppress and suppress_eos_supported() else {}
     torch_suppress = bool(suppress and options)
     variants = our_variants()
+    if buffers_supported():  # one pool per variant, kept across its calls as VAEDecoder does
+        buffers = {label: {"buffers": decoding.CacheBuffers()} for label in variants}
+    else:
+        buffers = {label: {} for label in variants}
 
     def ours(label):
         dtype, devices = variants[label]
@@ -107,6 +116,7 @@ def compare(name, pair, params, torch_model, latents, max_length, suppress, repe
             compute_dtype=dtype,
             devices=devices,
             **options,
+            **buffers[label],
         )
 
     def reference():
@@ -148,6 +158,9 @@ def compare(name, pair, params, torch_model, latents, max_length, suppress, repe
                 "compile_s": max(first_call[label] - timing.median, 0.0),
                 "compile_cached_s": max(cached_call[label] - timing.median, 0.0),
                 "rss_delta_mib": rss,
+                "cache_buffers_mib": buffers[label]["buffers"].nbytes / 2**20
+                if buffers[label]
+                else 0.0,
                 "rows_equal_to_torch": float(np.mean((padded == tokens).all(1))),
                 "rows_equal_to_ours_float32": float(np.mean((float32 == tokens).all(1))),
                 "eos_suppression": "suppress_eos option"

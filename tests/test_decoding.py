@@ -155,6 +155,76 @@ def test_rows_split_over_devices_give_the_same_tokens(num_devices, monkeypatch):
     assert {placed for _, placed in spread[1:]} == {1, num_devices}, spread
 
 
+class _CountingBuffers(decoding.CacheBuffers):
+    """CacheBuffers that records which growth targets it handed out."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.handed = []
+
+    def take(self, shape, dtype, sharding):
+        cache = super().take(shape, dtype, sharding)
+        if cache is not None:
+            self.handed.append((shape, cache))
+        return cache
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_cache_buffers_are_reused_and_their_contents_ignored(num_devices, monkeypatch):
+    """A pool kept between calls supplies the growth targets of the next decode (donated,
+    written over), and the tokens are the plain greedy ones even when every held buffer is
+    filled with NaN first. (Rows never stop here, so both calls grow the same shapes.)"""
+    devices = jax.devices()[:num_devices]
+    monkeypatch.setattr(decoding, "MIN_ROWS_PER_DEVICE", 4)
+    buffers = _CountingBuffers()
+    options = dict(max_length=MAX_LENGTH, suppress_eos=True, devices=devices)
+    first = decoding.greedy_decode(_lively_params(), VAE, _latents(), buffers=buffers, **options)
+    plain = decoding.greedy_decode(_lively_params(), VAE, _latents(), **options)
+    np.testing.assert_array_equal(first, plain)
+    assert buffers.nbytes > 0 and not buffers.handed  # filled; nothing to take on a first call
+
+    def poisoned(x):
+        return jax.device_put(np.full(x.shape, np.nan, x.dtype), x.sharding)
+
+    for key, cache in list(buffers._free.items()):
+        buffers._free[key] = jax.tree.map(poisoned, cache)
+    latents = _latents(seed=7)
+    tokens = decoding.greedy_decode(_lively_params(), VAE, latents, buffers=buffers, **options)
+    reference = decoding.greedy_decode_reference(
+        _lively_params(), VAE, latents, max_length=MAX_LENGTH, suppress_eos=True
+    )
+    np.testing.assert_array_equal(tokens, reference)
+    assert len(buffers.handed) == len(range(64, MAX_LENGTH + 1, decoding._CACHE_BLOCK))
+    for shape, cache in buffers.handed:
+        assert shape[2] > decoding._CACHE_BLOCK  # growth targets only
+        assert all(x.is_deleted() for x in jax.tree.leaves(cache)), "target was not donated"
+        assert len(jax.tree.leaves(cache)[0].sharding.device_set) == num_devices
+
+
+def test_cache_buffers_keep_at_most_max_bytes():
+    latents = _latents(16, seed=2)
+    options = dict(max_length=MAX_LENGTH, suppress_eos=True)
+    unbounded = decoding.CacheBuffers()
+    decoding.greedy_decode(_lively_params(), VAE, latents, buffers=unbounded, **options)
+    held = unbounded.nbytes
+    assert held > 0
+    # it holds the 32- and 64-position caches (1/3 and 2/3 of the bytes): a cap of 3/4 drops
+    # the older, smaller one
+    cap = held * 3 // 4
+    bounded = decoding.CacheBuffers(max_bytes=cap)
+    tokens = decoding.greedy_decode(_lively_params(), VAE, latents, buffers=bounded, **options)
+    assert held // 2 < bounded.nbytes <= cap
+    again = decoding.greedy_decode(_lively_params(), VAE, latents, buffers=bounded, **options)
+    np.testing.assert_array_equal(again, tokens)
+    bounded.clear()
+    assert bounded.nbytes == 0
+    # arrays that were donated elsewhere are not kept
+    cache = ((jax.numpy.zeros((2, 4, 32, 8)),) * 2,)
+    jax.tree.leaves(cache)[0].delete()
+    bounded.give(cache)
+    assert bounded.nbytes == 0
+
+
 @pytest.mark.parametrize("head", ["query", "full_sequence"])
 def test_cached_greedy_equals_plain_greedy_for_memories(head):
     config = dataclasses.replace(VAE, head=head)
