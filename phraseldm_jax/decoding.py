@@ -465,7 +465,9 @@ def _decode_rows(
         # A split batch is large and synchronises its devices at every check: check half as
         # often (uniform 512 x 128 bf16 on 2 devices 4.13 -> 3.94 s, songs unchanged).
         chunk = 2 * check_every if split else check_every
-        stop = min(position + chunk, max_length - 1)
+        # Chunks end on multiples of their length, so that (with power-of-two check_every)
+        # no chunk straddles a cache block: steps before the boundary read the shorter cache.
+        stop = min((position // chunk + 1) * chunk, max_length - 1)
         if stop > cache_length:  # the loop reads positions up to stop - 1
             cache_length = min(-(-stop // _CACHE_BLOCK) * _CACHE_BLOCK, max_length)
             state = _grow(state, cache_length, buffers)
