@@ -26,6 +26,7 @@ keeps the length the model generated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -85,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="on CPU, jax devices to split the host into (songs and decode rows run one program "
         "per device at once); 0 = one per core, 1 = a single device",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="matmul dtype of the DiT and the PhraseVAE decoder; bfloat16 is about 2x faster on "
+        "CPUs with AMX and on accelerators (tokens can differ where two logits nearly tie); "
+        "default: the checkpoints' (float32)",
     )
     p.add_argument(
         "--force_length",
@@ -170,6 +179,10 @@ def run(args, model, decoder, log=print) -> dict:
     from phraseldm_jax import sampling, sharding
 
     ldm_cfg, params = model.config, model.params
+    if args.dtype is not None:
+        ldm_cfg = dataclasses.replace(
+            ldm_cfg, dit=dataclasses.replace(ldm_cfg.dit, dtype=args.dtype)
+        )
     settings = sampling.SamplerSettings(
         sampler=args.sampler,
         num_steps=args.steps,
@@ -249,6 +262,8 @@ def run(args, model, decoder, log=print) -> dict:
             "tempo": args.tempo,
             "batch_size": args.batch_size,
             "devices": int(mesh.size),
+            "dit_dtype": ldm_cfg.dit.dtype,
+            "decode_dtype": getattr(decoder, "compute_dtype", None) or "float32",
         },
         "seed": args.seed,
         "songs": songs_out,
@@ -279,7 +294,10 @@ def main(argv=None, decoder=None) -> int:
         if not vae_workdir:
             parser.error(f"{args.checkpoint} names no PhraseVAE: give --vae_workdir")
         decoder = sampling.VAEDecoder.from_workdir(
-            vae_workdir, max_length=args.max_decode_length, devices=jax.local_devices()
+            vae_workdir,
+            max_length=args.max_decode_length,
+            devices=jax.local_devices(),
+            compute_dtype=args.dtype,
         )
     loaded = time.perf_counter()
     summary = run(args, model, decoder, log=lambda m: print(m, file=sys.stderr))

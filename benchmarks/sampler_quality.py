@@ -15,8 +15,9 @@ comparison can be split into several invocations of a few minutes each::
 
 A run is ``sampler:steps`` plus optional ``:key=value`` overrides of ``eval.*``: ``seed``,
 ``clip`` (scaled | reference | none), ``spacing`` (leading | trailing | linspace), ``eta``,
-``clipped_eps`` (0 | 1, see ``diffusion.sample_loop``), and ``dtype`` (the DiT's compute dtype
-while sampling, e.g. ``dtype=bfloat16``; not an ``eval.*`` key).
+``clipped_eps`` (0 | 1, see ``diffusion.sample_loop``), ``dtype`` (the DiT's compute dtype
+while sampling, e.g. ``dtype=bfloat16``) and ``decode_dtype`` (the PhraseVAE decoder's matmul
+dtype); the last two are not ``eval.*`` keys.
 Its name is the spec itself (e.g. ``dpmpp_2m:25:clip=none``).
 
 Timings (seconds, this machine): ``sample`` is the denoising loop without compilation,
@@ -40,6 +41,7 @@ OVERRIDES = {
     "eta": float,
     "clipped_eps": int,
     "dtype": str,
+    "decode_dtype": str,
 }
 TABLE_COLUMNS = (
     ("run", "run"),
@@ -75,8 +77,8 @@ def parse_run(spec: str) -> dict:
         if not sep or key not in OVERRIDES:
             raise ValueError(f"run {spec!r}: bad override {item!r}; use one of {list(OVERRIDES)}")
         value = OVERRIDES[key](value)
-        if key == "dtype" and value not in ("float32", "bfloat16"):
-            raise ValueError(f"run {spec!r}: dtype must be float32 or bfloat16, got {value!r}")
+        if key in ("dtype", "decode_dtype") and value not in ("float32", "bfloat16"):
+            raise ValueError(f"run {spec!r}: {key} must be float32 or bfloat16, got {value!r}")
         run[{"spacing": "timestep_spacing", "dtype": "compute_dtype"}.get(key, key)] = (
             bool(value) if key == "clipped_eps" else value
         )
@@ -150,8 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loss_batches": 0,
             **run,
         }
+        decoder.compute_dtype = overrides.pop("decode_dtype", None)
         started = time.perf_counter()
         entry = ldm_task.evaluate_checkpoint(args.workdir, args.which, decoder, **overrides)
+        entry["decode_dtype"] = decoder.compute_dtype or "float32"
         entry["wall_seconds"] = time.perf_counter() - started
         print(f"{name}: " + json.dumps({k: v for k, v in entry.items() if k != "eval"}), flush=True)
         results = load_results(args.out)  # another invocation may have added runs meanwhile

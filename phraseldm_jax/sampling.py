@@ -313,7 +313,9 @@ class PhraseDecoder(Protocol):
 
 class VAEDecoder:
     """The frozen PhraseVAE decoder (greedy, jitted, with early exit): latents -> phrases.
-    ``devices``: the rows are split over them (``decoding.greedy_decode``); None: one device."""
+    ``devices``: the rows are split over them (``decoding.greedy_decode``); None: one device.
+    ``compute_dtype``: the decoder's matmul dtype ("bfloat16": faster on CPUs with AMX and on
+    accelerators; tokens can differ where two logits nearly tie); None: the config's."""
 
     def __init__(
         self,
@@ -323,6 +325,7 @@ class VAEDecoder:
         max_length: int = 128,
         batch_size: int = 4096,
         devices: Sequence[jax.Device] | None = None,
+        compute_dtype: str | None = None,
     ):
         from phraseldm_jax import decoding
         from phraseldm_jax import vae as vae_lib
@@ -334,6 +337,7 @@ class VAEDecoder:
         self.params, self.config = jax.device_put(params), config
         self.max_length, self.batch_size = max_length, batch_size
         self.devices = None if devices is None else list(devices)
+        self.compute_dtype = compute_dtype
         # Cache buffers kept from one decode to the next (decoding.CacheBuffers): growing the
         # cache into them instead of fresh allocations is ~13% faster on long rows.
         self.buffers = decoding.CacheBuffers()
@@ -373,6 +377,7 @@ class VAEDecoder:
             batch_size=self.batch_size,
             devices=self.devices,
             buffers=self.buffers,
+            compute_dtype=self.compute_dtype,
         )
 
     def decode(self, latents: np.ndarray) -> list[str]:

@@ -181,9 +181,10 @@ def test_decodes_with_the_vae_of_the_workdir(tmp_path):
     workdir = _workdir(tmp_path, vae_workdir=vae_dir)
     out = tmp_path / "songs"
     argv = ["--checkpoint", workdir, "--out", str(out), "--num_songs", "2", "--sampler",
-            "dpmpp_2m", "--steps", "3", "--max_decode_length", "6"]  # fmt: skip
+            "dpmpp_2m", "--steps", "3", "--max_decode_length", "6", "--dtype", "bfloat16"]  # fmt: skip
     assert sample.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["dit_dtype"] == summary["settings"]["decode_dtype"] == "bfloat16"
     assert [s["text_file"] for s in summary["songs"]] == ["song_000.txt", "song_001.txt"]
     assert summary["settings"]["target_bars"] == 16  # 64 bars by default, capped by the model
     for song in summary["songs"]:

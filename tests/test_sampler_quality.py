@@ -19,6 +19,8 @@ def test_parse_run():
     }
     assert sampler_quality.parse_run("ddim:50:eta=0.5:clip=none")["eta"] == 0.5
     assert sampler_quality.parse_run("dpmpp_2m:10:dtype=bfloat16")["compute_dtype"] == "bfloat16"
+    run = sampler_quality.parse_run("dpmpp_2m:10:decode_dtype=bfloat16")
+    assert run["decode_dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -30,6 +32,7 @@ def test_parse_run():
         ("ddim:10:foo=1", "bad override"),
         ("ddim:10:seed", "bad override"),
         ("ddim:10:dtype=float16", "dtype must be"),
+        ("ddim:10:decode_dtype=int8", "decode_dtype must be"),
     ],
 )
 def test_parse_run_rejects_bad_specs(spec, message):
@@ -49,8 +52,12 @@ def _fake_workdir(tmp_path):
 def test_runs_call_the_evaluator_and_merge_into_out(tmp_path, monkeypatch, capsys):
     calls = []
 
+    class FakeDecoder:
+        def __init__(self, path):
+            self.path, self.compute_dtype = path, "unset"
+
     def fake_evaluate(workdir, which, decoder, **overrides):
-        calls.append((workdir, which, decoder, overrides))
+        calls.append((workdir, which, decoder.path, overrides, decoder.compute_dtype))
         return {
             "workdir": workdir,
             "eval": {"seed": overrides["seed"]},
@@ -58,12 +65,15 @@ def test_runs_call_the_evaluator_and_merge_into_out(tmp_path, monkeypatch, capsy
         }
 
     monkeypatch.setattr(ldm_task, "evaluate_checkpoint", fake_evaluate)
-    monkeypatch.setattr(sampling.VAEDecoder, "from_workdir", lambda path, which: f"decoder:{path}")
+    monkeypatch.setattr(
+        sampling.VAEDecoder, "from_workdir", lambda path, which: FakeDecoder(f"decoder:{path}")
+    )
     out = tmp_path / "results.json"
     out.write_text(json.dumps({"runs": {"ddpm:1000": {"phrase_fid": 99.0, "eval": {"seed": 0}}}}))
     workdir = _fake_workdir(tmp_path)
     argv = ["--workdir", workdir, "--num_songs", "3", "--out", str(out)]
-    assert sampler_quality.main(argv + ["--runs", "ddim:10,dpmpp_2m:5:clipped_eps=1:seed=4"]) == 0
+    runs = "ddim:10,dpmpp_2m:5:clipped_eps=1:seed=4:decode_dtype=bfloat16"
+    assert sampler_quality.main(argv + ["--runs", runs]) == 0
 
     assert [c[3] for c in calls] == [
         {
@@ -85,8 +95,11 @@ def test_runs_call_the_evaluator_and_merge_into_out(tmp_path, monkeypatch, capsy
         },
     ]
     assert all(c[0] == workdir and c[1] == "latest" and c[2] == "decoder:/vae" for c in calls)
+    assert [c[4] for c in calls] == [None, "bfloat16"]  # the decoder's dtype for each run
     runs = json.loads(out.read_text())["runs"]
-    assert list(runs) == ["ddpm:1000", "ddim:10", "dpmpp_2m:5:clipped_eps=1:seed=4"]
+    name = "dpmpp_2m:5:clipped_eps=1:seed=4:decode_dtype=bfloat16"
+    assert list(runs) == ["ddpm:1000", "ddim:10", name]
+    assert runs["ddim:10"]["decode_dtype"] == "float32" and runs[name]["decode_dtype"] == "bfloat16"
     assert runs["ddpm:1000"]["phrase_fid"] == 99.0  # earlier runs are kept
     assert runs["ddim:10"]["phrase_fid"] == 11.0 and "wall_seconds" in runs["ddim:10"]
 
@@ -95,7 +108,7 @@ def test_runs_call_the_evaluator_and_merge_into_out(tmp_path, monkeypatch, capsy
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| run | seed | PhraseFID |")
     assert len(table) == 5 and table[2].startswith("| ddpm:1000 | 0 | 99.0 |")
-    assert table[4].startswith("| dpmpp_2m:5:clipped_eps=1:seed=4 | 4 | 12.0 |")
+    assert table[4].startswith(f"| {name} | 4 | 12.0 |")
 
 
 def test_bad_arguments_and_bad_results_file(tmp_path, capsys):
