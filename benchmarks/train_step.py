@@ -8,18 +8,23 @@ sampled latent; LDM: epsilon MSE at random timesteps of the cosine schedule), ba
 ``clip_grad_norm_`` where the config clips (LDM: 0.5) and ``torch.optim.AdamW`` with the
 config's learning rate, eps and weight decay. Batches are random tokens / latents of full
 length (the paper config pads VAE batches to 128 tokens); batch sizes are smaller than the
-paper's 128 so that a step takes seconds on a CPU (stated in the table).
+paper's 128 so that a step takes seconds on a CPU (stated in the table). Ours runs on one
+device and data-parallel over the local devices (as many as divide the batch); all sides take
+turns call by call (``common.time_interleaved``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
 from phraseldm_jax import optim, trainer, vocab
@@ -62,8 +67,11 @@ def ldm_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def time_ours(task, config, params, batch, repeats: int) -> dict[str, Any]:
-    """Timing row of our jitted train step (state donated, so each call feeds the next)."""
+def our_step(task, config, params, batch, devices=None) -> tuple[Any, dict[str, Any]]:
+    """(a call running one jitted train step, its row fields so far). The state is donated,
+    so each call feeds the next. ``devices``: data-parallel over them (batch split, state
+    replicated, gradients all-reduced by XLA, as the trainer's mesh does with ``fsdp=1``);
+    None: one device."""
     tx, lr_fn = optim.make_optimizer(config.optim, config.train.num_steps)
     step = jax.jit(trainer.make_train_step(task, tx, lr_fn), donate_argnums=0)
     params = jax.tree.map(jnp.array, params)  # a copy: the step donates it
@@ -73,7 +81,12 @@ def time_ours(task, config, params, batch, repeats: int) -> dict[str, Any]:
         opt_state=tx.init(params),
         rng=jax.random.PRNGKey(0),
     )
-    batch = jax.device_put(batch)
+    if devices:
+        mesh = Mesh(np.array(devices), ("data",))
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    else:
+        batch = jax.device_put(batch)
     compiled, compile_times = common.compile_twice(step, state, batch, None)
     holder = {"state": state}
 
@@ -81,20 +94,17 @@ def time_ours(task, config, params, batch, repeats: int) -> dict[str, Any]:
         holder["state"], metrics = compiled(holder["state"], batch, None)
         return jax.block_until_ready(metrics)
 
-    timing, rss = common.time_calls(call, repeats)
-    loss = float(call()["train/loss"])
-    return {
-        "side": "ours (jax)",
-        **timing.as_dict(),
-        "loss": loss,
+    return call, {
+        "side": f"ours (jax), {len(devices)} devices" if devices else "ours (jax)",
+        "devices": len(devices) if devices else 1,
         **compile_times,
         **common.compiled_memory_mib(compiled),
-        "rss_delta_mib": rss,
     }
 
 
-def time_torch(model, loss_fn, config, repeats: int) -> dict[str, Any]:
-    """Timing row of a torch AdamW step on ``loss_fn(model)``."""
+def torch_step(model, loss_fn, config) -> tuple[Any, dict[str, float]]:
+    """(a call running one torch AdamW step on ``loss_fn(model)``, a dict holding the last
+    loss)."""
     import torch
 
     model.train()
@@ -116,8 +126,36 @@ def time_torch(model, loss_fn, config, repeats: int) -> dict[str, Any]:
         opt.step()
         last["loss"] = loss.item()
 
-    timing, rss = common.time_calls(call, repeats)
-    return {"side": "torch", **timing.as_dict(), "loss": last["loss"], "rss_delta_mib": rss}
+    return call, last
+
+
+def split_devices(batch_size: int) -> list | None:
+    """For the data-parallel row: as many local devices as divide ``batch_size`` evenly
+    (gcd), None when that is one."""
+    count = math.gcd(batch_size, len(jax.local_devices()))
+    return jax.local_devices()[:count] if count > 1 else None
+
+
+def compare(task, config, params, batch, torch_call, torch_last, repeats: int) -> list[dict]:
+    """Rows of ours (one device, and data-parallel over the local devices when they divide
+    the batch) and torch, taking turns call by call (``common.time_interleaved``). Every one
+    of ours runs the same number of steps from the same state, so their losses agree."""
+    ours = [our_step(task, config, params, batch)]
+    devices = split_devices(len(next(iter(batch.values()))))
+    if devices:
+        ours.append(our_step(task, config, params, batch, devices))
+    calls = {fields["side"]: call for call, fields in ours}
+    timed = common.time_interleaved({**calls, "torch": torch_call}, repeats)
+    rows = []
+    for call, fields in ours:
+        timing, rss = timed[fields["side"]]
+        loss = float(call()["train/loss"])
+        rows.append({**fields, **timing.as_dict(), "loss": loss, "rss_delta_mib": rss})
+    timing, rss = timed["torch"]
+    rows.append(
+        {"side": "torch", **timing.as_dict(), "loss": torch_last["loss"], "rss_delta_mib": rss}
+    )
+    return rows
 
 
 def vae_case(opts: common.Options, repeats: int) -> list[dict]:
@@ -135,7 +173,6 @@ def vae_case(opts: common.Options, repeats: int) -> list[dict]:
     config.train.eval_every = 0
     batch_size, length = (4, 16) if opts.quick else (VAE_BATCH, int(config.data.max_length))
     batch = vae_batch(batch_size, length)
-    ours = time_ours(vae_task.vae_task(config), config, pair.params, batch, repeats)
     kl_weight = float(config.train.kl_weight)
     t = {k: torch.from_numpy(v).long() for k, v in batch.items()}
 
@@ -149,11 +186,12 @@ def vae_case(opts: common.Options, repeats: int) -> list[dict]:
         kl = -0.5 * torch.sum(1 + logvar - mean**2 - logvar.exp(), -1).mean() / mean.shape[-1]
         return recon + kl_weight * kl
 
-    reference = time_torch(copy.deepcopy(pair.torch_model), loss_fn, config, repeats)
+    torch_call, torch_last = torch_step(copy.deepcopy(pair.torch_model), loss_fn, config)
+    task = vae_task.vae_task(config)
+    rows = compare(task, config, pair.params, batch, torch_call, torch_last, repeats)
     shape = f"{batch_size} x {length} tokens"
     return [
-        {"model": "PhraseVAE stage 3", "batch": shape, "examples": batch_size, **r}
-        for r in (ours, reference)
+        {"model": "PhraseVAE stage 3", "batch": shape, "examples": batch_size, **r} for r in rows
     ]
 
 
@@ -174,7 +212,6 @@ def ldm_case(opts: common.Options, repeats: int) -> list[dict]:
     length = pair.config.dit.sample_size
     batch_size = 2 if opts.quick else LDM_BATCH
     batch = ldm_batch(batch_size, length)
-    ours = time_ours(ldm_task.make_ldm_task(config), config, pair.params, batch, repeats)
     scheduler = pair.torch_model.scheduler()
     x0 = torch.from_numpy(batch["latents"])
     bars = torch.from_numpy(batch["n_bars"]).long()
@@ -185,11 +222,13 @@ def ldm_case(opts: common.Options, repeats: int) -> list[dict]:
         eps = common.torch_ldm_forward(ref, scheduler.add_noise(x0, noise, t), t, bars)
         return torch.nn.functional.mse_loss(eps, noise)
 
-    reference = time_torch(copy.deepcopy(pair.torch_model), loss_fn, config, repeats)
+    torch_call, torch_last = torch_step(copy.deepcopy(pair.torch_model), loss_fn, config)
+    task = ldm_task.make_ldm_task(config)
+    rows = compare(task, config, pair.params, batch, torch_call, torch_last, repeats)
     shape = f"{batch_size} x {length} latents"
     return [
         {"model": "PhraseLDM (length-cond.)", "batch": shape, "examples": batch_size, **r}
-        for r in (ours, reference)
+        for r in rows
     ]
 
 
@@ -198,8 +237,10 @@ def run(opts: common.Options) -> dict[str, Any]:
     rows = vae_case(opts, repeats) + ldm_case(opts, repeats)
     for row in rows:
         row["examples_per_s"] = row["examples"] / row["median_s"]
-    for ours, ref in zip(rows[::2], rows[1::2]):
-        ours["speedup_vs_torch"] = ref["median_s"] / ours["median_s"]
+    for row in rows:
+        if row["side"] != "torch":
+            ref = next(r for r in rows if r["model"] == row["model"] and r["side"] == "torch")
+            row["speedup_vs_torch"] = ref["median_s"] / row["median_s"]
     return {"rows": rows, "table": table(rows)}
 
 
