@@ -26,7 +26,6 @@ keeps the length the model generated.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -176,13 +175,10 @@ def run(args, model, decoder, log=print) -> dict:
     import numpy as np
     import tqdm
 
-    from phraseldm_jax import sampling, sharding
+    from phraseldm_jax import ldm, sampling, sharding
 
     ldm_cfg, params = model.config, model.params
-    if args.dtype is not None:
-        ldm_cfg = dataclasses.replace(
-            ldm_cfg, dit=dataclasses.replace(ldm_cfg.dit, dtype=args.dtype)
-        )
+    ldm_cfg = ldm.with_compute_dtype(ldm_cfg, args.dtype)
     settings = sampling.SamplerSettings(
         sampler=args.sampler,
         num_steps=args.steps,

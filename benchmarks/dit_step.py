@@ -11,7 +11,6 @@ call (``common.time_interleaved``) so that the machine's speed drifting moves al
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -38,7 +37,7 @@ def jax_step(pair: common.LdmPair, dtype: str):
     casts them once rather than at every step."""
     from phraseldm_jax import ldm
 
-    config = dataclasses.replace(pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype))
+    config = ldm.with_compute_dtype(pair.config, dtype)
     model = ldm.PhraseLDM(config)
     params = jax.device_put(ldm.inference_params(pair.params, config))
     return jax.jit(lambda p, x, t, n: model.apply({"params": p}, x, t, n)), params

@@ -20,7 +20,6 @@ costs (rows stop at [EOS]). The reference runs all 1000 DDPM steps there (no ext
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -33,6 +32,7 @@ import numpy as np
 
 from benchmarks import common, vae_decoding
 from phraseldm_jax import decoding, sampling
+from phraseldm_jax import ldm as ldm_lib
 
 FAST_SAMPLERS = (("dpmpp_2m", 10), ("dpmpp_2m", 20), ("ddim", 25), ("ddim", 50))
 QUICK_SAMPLERS = (("dpmpp_2m", 2), ("ddim", 3))
@@ -67,7 +67,7 @@ def our_sampler(pair, settings, cond, repeats: int, dtype: str) -> tuple[np.ndar
     """(raw latents [1, length, 64], timing row, a callable sampling again) of one fast
     sampler, the DiT computing in ``dtype``."""
     key = jax.random.PRNGKey(0)
-    config = dataclasses.replace(pair.config, dit=dataclasses.replace(pair.config.dit, dtype=dtype))
+    config = ldm_lib.with_compute_dtype(pair.config, dtype)
     first = sampling.LatentSampler(config, settings)
     latents = first(pair.params, key, cond)
     compile_s = first.compile_seconds

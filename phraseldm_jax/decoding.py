@@ -367,6 +367,12 @@ def _grow(state: _DecodeState, length: int, buffers: CacheBuffers | None) -> _De
     return grown
 
 
+def _give(buffers: CacheBuffers | None, cache) -> None:
+    """Hands a dropped cache to ``buffers`` (if any) for reuse."""
+    if buffers is not None:
+        buffers.give(cache)
+
+
 @jax.jit
 def _take_rows(state: _DecodeState, rows: jax.Array, live: jax.Array) -> _DecodeState:
     """Gathers ``rows`` of every batched field; rows with ``live`` False become finished padding."""
@@ -485,20 +491,18 @@ def _decode_rows(
             leaving = (row_ids >= 0) & (finished | done)
             out[row_ids[leaving]] = tokens[leaving]
             if done:
-                if buffers is not None:
-                    buffers.give(state.cache)
+                _give(buffers, state.cache)
                 return
             keep = np.arange(new_size) < len(live_rows)
             take = np.concatenate([live_rows, np.full(new_size - len(live_rows), live_rows[0])])
             dropped, state = state.cache, _take_rows(state, take, keep)
-            if buffers is not None:
-                buffers.give(dropped)
+            _give(buffers, dropped)
             row_ids = np.where(keep, row_ids[take], -1)
             size = new_size
         split = new_split
         dropped, state = state.cache, placement.put_state(state, split)
-        if buffers is not None and state.cache[0][0] is not dropped[0][0]:
-            buffers.give(dropped)
+        if state.cache[0][0] is not dropped[0][0]:  # moved to other devices
+            _give(buffers, dropped)
         params, weights = placement.weights(split)
 
 

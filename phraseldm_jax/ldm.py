@@ -186,6 +186,14 @@ def trainable_mask(params: Mapping, config: PhraseLDMConfig) -> Any:
     return jax.tree_util.tree_map_with_path(is_trainable, dict(params))
 
 
+def with_compute_dtype(config: PhraseLDMConfig, compute_dtype: str | None) -> PhraseLDMConfig:
+    """``config`` with the DiT's matmuls in ``compute_dtype`` (None: unchanged); the
+    counterpart of ``decoding.with_compute_dtype``."""
+    if compute_dtype is None or compute_dtype == config.dit.dtype:
+        return config
+    return dataclasses.replace(config, dit=dataclasses.replace(config.dit, dtype=compute_dtype))
+
+
 def inference_params(params: Mapping, config: PhraseLDMConfig) -> dict:
     """``params`` with the DiT's matmul kernels stored in its compute dtype, for sampling.
 

@@ -406,18 +406,13 @@ def evaluate_checkpoint(
     """Runs the ``Evaluator`` of a training workdir's config (``eval.*`` replaced by
     ``eval_overrides``) on one of its checkpoints; returns the scalar metrics with timings.
     ``compute_dtype``: sample with the DiT's matmuls in this dtype (None: the config's)."""
-    import dataclasses
     import os
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config.eval.update({k: v for k, v in eval_overrides.items() if v is not None})
     model = sampling.load_ldm(workdir, which)
-    ldm_cfg = model.config
-    if compute_dtype is not None:
-        ldm_cfg = dataclasses.replace(
-            ldm_cfg, dit=dataclasses.replace(ldm_cfg.dit, dtype=compute_dtype)
-        )
+    ldm_cfg = ldm.with_compute_dtype(model.config, compute_dtype)
     started = time.perf_counter()
     metrics = Evaluator(config, ldm_cfg, decoder)(model.params, step=-1)
     metrics["eval_seconds"] = time.perf_counter() - started
