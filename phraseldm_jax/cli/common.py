@@ -1,0 +1,57 @@
+"""What every command shares: one argparse style, usage errors as one line with exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UsageError(Exception):
+    """A mistake of the user's (a flag, a file); printed as one line, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's line breaks and shows every default."""
+
+
+def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A parser in the commands' style (``--snake_case`` flags, defaults shown)."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=HelpFormatter
+    )
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """Subcommands with their own ``--help`` in the same style."""
+    return parser.add_subparsers(
+        dest="command", required=True, parser_class=argparse.ArgumentParser
+    )
+
+
+def subcommand(commands: argparse._SubParsersAction, name: str, description: str):
+    """One subcommand parser: ``description``'s first line is its summary in the parent's help."""
+    return commands.add_parser(
+        name,
+        help=description.strip().split("\n")[0],
+        description=description,
+        formatter_class=HelpFormatter,
+    )
+
+
+def run_command(
+    prog: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+) -> int:
+    """Parse ``argv`` and run; a ``UsageError`` becomes ``prog: error: ...`` and exit 2."""
+    parser = make_parser(prog, description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
