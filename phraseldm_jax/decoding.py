@@ -6,10 +6,10 @@ stops at ``[EOS]`` and is padded with ``[PAD]`` afterwards; at most ``max_length
 including the start token. Output: int32 [N, max_length].
 
 Speed comes from:
-- a key/value cache and a dedicated step (``decode_step``, the same function as
-  ``T5.decode_step``): one fused q/k/v matmul per layer, cross-attention keys/values computed
-  once per decode, the position bias of the one new query looked up from the table, matmuls in
-  the compute dtype with float32 results, cache and attention in float32;
+- a key/value cache and a dedicated step (``decode_step``): one fused q/k/v matmul per layer,
+  cross-attention keys/values computed once per decode, the position bias of the one new query
+  looked up from the table, matmuls in the compute dtype with float32 results, cache and
+  attention in float32;
 - ``compute_dtype="bfloat16"`` (opt-in): bfloat16 matmuls, ~1.5-2x faster steps on CPUs with
   AMX (XLA's CPU bfloat16 matmul is fast only with a float32 result, and its bfloat16 batched
   attention matmuls are slower than float32 ones, so the cache stays float32);
@@ -28,8 +28,9 @@ Speed comes from:
 
 Measured numbers and where the time goes: ``docs/DECODING.md``.
 
-``greedy_decode_reference`` re-runs the full decoder at every step and takes the argmax: slow,
-for tests only; the cached decoder must give exactly the same tokens.
+``decode_step`` is the only cached T5 decoder; tests/test_decoding.py checks its logits against
+the teacher-forced ``PhraseVAE.decode_logits`` at every position, and the tokens of the loop
+against a plain argmax loop over it.
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ def decode_step(
     cross_kvs: tuple[KeyValue, ...],
     memory_mask: jax.Array,
 ) -> tuple[jax.Array, tuple[KeyValue, ...]]:
-    """One cached decoder position, the same function as ``T5.decode_step`` (HF T5), written
-    for speed: one q/k/v matmul per layer, float32 cache and attention, matmuls in the
+    """One cached decoder position: the logits ``T5.decode`` gives at ``position`` (HF T5),
+    written for speed: one q/k/v matmul per layer, float32 cache and attention, matmuls in the
     kernels' dtype with float32 results.
 
     Args:
@@ -644,47 +645,6 @@ def greedy_decode_memory(
         devices=devices,
         buffers=buffers,
     )
-
-
-def greedy_decode_reference(
-    params: Any,
-    config: PhraseVAEConfig,
-    memory_or_latents: Any,
-    memory_mask: Any | None = None,
-    *,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    suppress_eos: bool = False,
-    compute_dtype: str | None = None,
-) -> np.ndarray:
-    """Plain greedy decoding for tests: the full teacher-forced decoder at every step, no cache.
-
-    Args:
-      memory_or_latents: [N, latent_dim] latents or [N, mem_len, d_model] memories.
-      suppress_eos, compute_dtype: as ``greedy_decode``.
-    Returns:
-      int32 numpy [N, max_length], as ``greedy_decode``.
-    """
-    model = PhraseVAE(with_compute_dtype(config, compute_dtype))
-    logits_fn = jax.jit(
-        lambda p, m, mask, ids: model.apply(
-            {"params": p}, m, ids, mask, method=PhraseVAE.decode_logits
-        )
-    )
-    memory_or_latents = jnp.asarray(memory_or_latents, jnp.float32)
-    batch = memory_or_latents.shape[0]
-    tokens = np.full((batch, max_length), PAD_ID, np.int32)
-    tokens[:, 0] = BOS_ID
-    finished = np.zeros(batch, bool)
-    for position in range(max_length - 1):
-        logits = np.array(logits_fn(params, memory_or_latents, memory_mask, tokens)[:, position])
-        if suppress_eos:
-            logits[:, EOS_ID] = -np.inf
-        next_token = np.where(finished, PAD_ID, logits.argmax(-1))
-        tokens[:, position + 1] = next_token
-        finished |= next_token == EOS_ID
-        if finished.all():
-            break
-    return tokens
 
 
 def tokens_to_phrases(token_ids: Iterable[Iterable[int]]) -> list[str]:

@@ -18,9 +18,9 @@ parameters, the residual stream, norms, softmax and logits stay float32. In floa
 multiplications ask for full precision (``Precision.HIGHEST``), so GPUs do not silently use
 TF32 and converted checkpoints reproduce the reference within float32 round-off.
 
-The decoder also runs one position at a time against a key/value cache (``init_decoder_cache``,
-``T5.cross_key_values``, ``T5.decode_step``); ``decoding.py`` builds the jitted greedy loop on
-top of it.
+This module is the teacher-forced (uncached) model used for training and as the definition of
+the decoder; greedy inference runs ``decoding.decode_step``, a cached step over the same weights
+written for speed, which tests/test_decoding.py checks against ``T5.decode`` at every position.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Per decoder layer, the cached (keys, values) of self-attention or cross-attention:
-# each [batch, num_heads, length, d_kv] in the compute dtype. Heads-major, so that the attention
-# matmuls read the cache as it is stored (no per-step transpose of the whole cache).
+# The (keys, values) of one attention layer, each [batch, num_heads, length, d_kv]: heads-major,
+# so that the attention matmuls read them as they are stored (``decoding`` caches them so too).
 KeyValue = tuple[jax.Array, jax.Array]
 
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -165,14 +164,6 @@ def attention_weights(
     return jax.nn.softmax(scores, axis=-1)
 
 
-def init_decoder_cache(config: T5Config, batch_size: int, length: int) -> tuple[KeyValue, ...]:
-    """Zeroed self-attention cache of every decoder layer: (keys, values), each
-    [batch_size, num_heads, length, d_kv] in the compute dtype."""
-    shape = (batch_size, config.num_heads, length, config.d_kv)
-    zeros = jnp.zeros(shape, config.compute_dtype)
-    return tuple((zeros, zeros) for _ in range(config.num_decoder_layers))
-
-
 def _normal(std: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=std)
 
@@ -221,7 +212,8 @@ class T5Attention(nn.Module):
 
     Params: q, k, v kernels [d_model, inner], o kernel [inner, d_model].
 
-    Keys/values are projected separately (``key_value``) so that the decoder can cache them.
+    Keys/values are projected separately (``key_value``): cross-attention projects the memory,
+    not ``x``.
     """
 
     config: T5Config
@@ -312,23 +304,11 @@ class T5Block(nn.Module):
         cross_kv: KeyValue | None = None,
         cross_mask: jax.Array | None = None,
         deterministic: bool = True,
-        cache: KeyValue | None = None,
-        position: jax.Array | None = None,
-    ) -> tuple[jax.Array, KeyValue | None]:
-        """h: [batch, len, d_model] float32 residual stream -> (new h, updated cache).
-
-        With ``cache`` ([batch, heads, cache_len, d_kv] pair), ``h`` holds the positions starting
-        at ``position``; their keys/values are written there and attention runs over the whole
-        cache (``self_mask`` hides the unwritten slots).
-        """
+    ) -> jax.Array:
+        """h: [batch, len, d_model] float32 residual stream -> new h."""
         dtype = self.config.compute_dtype
         x = self.self_attention_norm(h).astype(dtype)
         kv = self.self_attention.key_value(x)
-        if cache is not None:
-            kv = tuple(
-                jax.lax.dynamic_update_slice_in_dim(stored, new, position, axis=2)
-                for stored, new in zip(cache, kv)
-            )
         attended = self.self_attention(x, kv, self_bias, self_mask, deterministic)
         h = h + self.dropout(attended, deterministic=deterministic)
         if self.is_decoder:
@@ -336,8 +316,7 @@ class T5Block(nn.Module):
             attended = self.cross_attention(x, cross_kv, None, cross_mask, deterministic)
             h = h + self.dropout(attended, deterministic=deterministic)
         x = self.mlp_norm(h).astype(dtype)
-        h = h + self.dropout(self.mlp(x, deterministic), deterministic=deterministic)
-        return h, (kv if cache is not None else None)
+        return h + self.dropout(self.mlp(x, deterministic), deterministic=deterministic)
 
 
 class T5Stack(nn.Module):
@@ -391,42 +370,8 @@ class T5Stack(nn.Module):
             cross_mask = None
         h = self.dropout(embeddings, deterministic=deterministic)
         for block, cross_kv in zip(self.blocks, cross_kvs):
-            h, _ = block(h, bias, self_mask, cross_kv, cross_mask, deterministic)
+            h = block(h, bias, self_mask, cross_kv, cross_mask, deterministic)
         return self.dropout(self.final_layer_norm(h), deterministic=deterministic)
-
-    def step(
-        self,
-        embeddings: jax.Array,
-        position: jax.Array,
-        cache: tuple[KeyValue, ...],
-        cross_kvs: tuple[KeyValue, ...],
-        memory_mask: jax.Array | None,
-    ) -> tuple[jax.Array, tuple[KeyValue, ...]]:
-        """Decoder only, inference: one position against the cache.
-
-        Args:
-          embeddings: [batch, 1, d_model] float32, the token at ``position``.
-          position: int32 scalar, same for every row.
-          cache: per layer (keys, values) [batch, heads, cache_len, d_kv], cache_len > position.
-            The cache may be shorter than the whole sequence: attention reads all of it, so a
-            caller can save work early in a sequence by growing it as positions advance.
-          cross_kvs: per layer (keys, values) of the memory, from ``cross_key_values``.
-          memory_mask: [batch, mem_len] or None.
-        Returns:
-          states [batch, 1, d_model] float32, updated cache.
-        """
-        keys = jnp.arange(cache[0][0].shape[2])
-        bias = self.relative_position_bias(jnp.reshape(position, (1,)), keys)
-        self_mask = (keys <= position)[None, None, None, :]
-        cross_mask = None if memory_mask is None else memory_mask[:, None, None, :] != 0
-        h = embeddings
-        new_cache = []
-        for block, layer_cache, cross_kv in zip(self.blocks, cache, cross_kvs):
-            h, layer_cache = block(
-                h, bias, self_mask, cross_kv, cross_mask, True, layer_cache, position
-            )
-            new_cache.append(layer_cache)
-        return self.final_layer_norm(h), tuple(new_cache)
 
 
 class T5(nn.Module):
@@ -494,24 +439,6 @@ class T5(nn.Module):
             deterministic=deterministic,
         )
         return self.logits(states)
-
-    def cross_key_values(self, memory: jax.Array) -> tuple[KeyValue, ...]:
-        """Cross-attention keys/values of every decoder layer, computed once per memory."""
-        return self.decoder.cross_key_values(memory)
-
-    def decode_step(
-        self,
-        token_ids: jax.Array,
-        position: jax.Array,
-        cache: tuple[KeyValue, ...],
-        cross_kvs: tuple[KeyValue, ...],
-        memory_mask: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[KeyValue, ...]]:
-        """One cached decoder step: token_ids [batch] at ``position`` -> (logits [batch, vocab]
-        float32 for the next position, updated cache). See ``T5Stack.step``."""
-        embeddings = self.shared(token_ids[:, None])
-        states, cache = self.decoder.step(embeddings, position, cache, cross_kvs, memory_mask)
-        return self.logits(states[:, 0]), cache
 
     def __call__(
         self,

@@ -195,17 +195,6 @@ class PhraseVAE(nn.Module):
             memory = self.latent_to_memory(memory)
         return self.t5.decode(decoder_input_ids, memory, memory_mask, deterministic)
 
-    def cross_key_values(self, memory_or_latent: jax.Array) -> tuple[t5_lib.KeyValue, ...]:
-        """Per decoder layer, the cross-attention (keys, values) of a memory or of latents."""
-        memory = memory_or_latent
-        if memory.ndim == 2:
-            memory = self.latent_to_memory(memory)
-        return self.t5.cross_key_values(memory)
-
-    def decode_step(self, token_ids, position, cache, cross_kvs, memory_mask=None):
-        """One cached decoder step; see ``T5.decode_step``."""
-        return self.t5.decode_step(token_ids, position, cache, cross_kvs, memory_mask)
-
     def __call__(
         self,
         input_ids: jax.Array,

@@ -1,4 +1,5 @@
-"""Cached greedy decoding: exactly the plain greedy tokens, whatever the batching/compaction."""
+"""Cached greedy decoding: the cached step gives the teacher-forced decoder's logits at every
+position, and the cached loop exactly the plain greedy tokens, whatever the batching/compaction."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from phraseldm_jax import decoding, t5, vae
+from phraseldm_jax.vae import PhraseVAE
 from phraseldm_jax.vocab import BOS_ID, EOS_ID, PAD_ID
 
 T5_TINY = t5.T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)
@@ -33,6 +35,42 @@ def _lively_params():
     return params
 
 
+def _plain_greedy(
+    params,
+    config,
+    memory_or_latents,
+    memory_mask=None,
+    *,
+    max_length=MAX_LENGTH,
+    suppress_eos=False,
+    compute_dtype=None,
+):
+    """Greedy decoding without a cache: the teacher-forced ``PhraseVAE.decode_logits`` over the
+    whole prefix at every step, argmax at the last position. Slow; what the cached decoder must
+    equal. memory_or_latents: [N, latent_dim] or [N, mem_len, d_model]; int32 [N, max_length]."""
+    model = PhraseVAE(decoding.with_compute_dtype(config, compute_dtype))
+    logits_fn = jax.jit(
+        lambda p, m, mask, ids: model.apply(
+            {"params": p}, m, ids, mask, method=PhraseVAE.decode_logits
+        )
+    )
+    memory_or_latents = jax.numpy.asarray(memory_or_latents, jax.numpy.float32)
+    batch = memory_or_latents.shape[0]
+    tokens = np.full((batch, max_length), PAD_ID, np.int32)
+    tokens[:, 0] = BOS_ID
+    finished = np.zeros(batch, bool)
+    for position in range(max_length - 1):
+        logits = np.array(logits_fn(params, memory_or_latents, memory_mask, tokens)[:, position])
+        if suppress_eos:
+            logits[:, EOS_ID] = -np.inf
+        next_token = np.where(finished, PAD_ID, logits.argmax(-1))
+        tokens[:, position + 1] = next_token
+        finished |= next_token == EOS_ID
+        if finished.all():
+            break
+    return tokens
+
+
 def _latents(n=48, seed=0):
     return np.random.default_rng(seed).normal(size=(n, VAE.latent_dim)).astype(np.float32)
 
@@ -43,9 +81,7 @@ def _eos_positions(tokens):
 
 @functools.cache
 def _reference_tokens():
-    return decoding.greedy_decode_reference(
-        _lively_params(), VAE, _latents(), max_length=MAX_LENGTH
-    )
+    return _plain_greedy(_lively_params(), VAE, _latents())
 
 
 def test_cached_greedy_equals_plain_greedy_for_latents():
@@ -59,6 +95,51 @@ def test_cached_greedy_equals_plain_greedy_for_latents():
     assert len(set(eos[eos > 0].tolist())) >= 8
     assert np.any(eos == -1)
     assert np.mean([len(set(row[1:10].tolist())) for row in reference]) > 2
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["all-visible", "padded-memory"])
+@pytest.mark.parametrize("head", ["query", "vae"])
+def test_cached_step_logits_equal_teacher_forced_logits(head, padded):
+    """``decoding.decode_step`` fed the teacher's tokens one position at a time gives the logits
+    of the uncached ``PhraseVAE.decode_logits`` at every position (float32), with or without
+    memory slots hidden by the mask, with a cache longer than the sequence or just as long."""
+    config = dataclasses.replace(VAE, head=head)
+    params = _lively_params() if head == "vae" else {"t5": _lively_params()["t5"]}
+    rng = np.random.default_rng(4)
+    batch, length = 3, 12
+    if head == "vae":
+        source = _latents(batch, seed=4)  # memory [batch, n_query_tokens, d_model] inside
+        mask = np.ones((batch, config.n_query_tokens), np.int32)
+    else:
+        source = rng.normal(size=(batch, 5, 32)).astype(np.float32)
+        mask = np.ones((batch, 5), np.int32)
+    if padded:
+        mask[0, 2:] = 0
+        mask[2, -1] = 0
+    ids = rng.integers(0, T5_TINY.vocab_size, (batch, length)).astype(np.int32)
+    ids[:, 0] = BOS_ID
+    teacher = jax.jit(PhraseVAE(config).apply, static_argnames="method")(
+        {"params": params}, source, ids, mask, method=PhraseVAE.decode_logits
+    )
+    teacher = np.asarray(teacher)
+    weights = decoding.decoder_weights(params, config)
+    cache_length = length if padded else 16
+    live = np.ones(batch, bool)
+    state = decoding._start(params, weights, config, source, mask, live, length, cache_length)
+    step = jax.jit(decoding.decode_step, static_argnums=1)
+    cache = state.cache
+    scale = np.abs(teacher).max()
+    for position in range(length):
+        logits, cache = step(
+            weights, config, ids[:, position], np.int32(position), cache, state.cross_kvs, mask
+        )
+        np.testing.assert_allclose(
+            np.asarray(logits), teacher[:, position], rtol=1e-5, atol=1e-5 * scale
+        )
+    # Slots after the last written position are untouched; written ones are filled.
+    keys = np.asarray(cache[0][0])
+    assert not np.any(keys[:, :, length:])
+    assert np.all(np.any(keys[:, :, :length] != 0, axis=-1))
 
 
 def test_output_layout():
@@ -190,7 +271,7 @@ def test_cache_buffers_are_reused_and_their_contents_ignored(num_devices, monkey
         buffers._free[key] = jax.tree.map(poisoned, cache)
     latents = _latents(seed=7)
     tokens = decoding.greedy_decode(_lively_params(), VAE, latents, buffers=buffers, **options)
-    reference = decoding.greedy_decode_reference(
+    reference = _plain_greedy(
         _lively_params(), VAE, latents, max_length=MAX_LENGTH, suppress_eos=True
     )
     np.testing.assert_array_equal(tokens, reference)
@@ -225,19 +306,21 @@ def test_cache_buffers_keep_at_most_max_bytes():
     assert bounded.nbytes == 0
 
 
-@pytest.mark.parametrize("head", ["query", "full_sequence"])
-def test_cached_greedy_equals_plain_greedy_for_memories(head):
+@pytest.mark.parametrize(
+    "head, padded", [("query", False), ("query", True), ("full_sequence", True)]
+)
+def test_cached_greedy_equals_plain_greedy_for_memories(head, padded):
     config = dataclasses.replace(VAE, head=head)
     params = {"t5": _lively_params()["t5"]}
     rng = np.random.default_rng(1)
     memory = rng.normal(size=(12, 6, 32)).astype(np.float32)
     mask = None
-    if head == "full_sequence":
+    if padded:
         mask = (np.arange(6)[None] < rng.integers(2, 7, (12, 1))).astype(np.int32)
     cached = decoding.greedy_decode_memory(
         params, config, memory, mask, max_length=40, batch_size=8, check_every=4, min_batch=2
     )
-    reference = decoding.greedy_decode_reference(params, config, memory, mask, max_length=40)
+    reference = _plain_greedy(params, config, memory, mask, max_length=40)
     np.testing.assert_array_equal(cached, reference)
     assert len(set(map(tuple, cached.tolist()))) > 6  # different memories, different outputs
     if mask is not None:  # masked memory slots are invisible
@@ -279,7 +362,7 @@ def test_suppress_eos_runs_every_position_and_matches_plain_greedy():
     latents = _latents(12, seed=3)
     options = dict(max_length=24, suppress_eos=True)
     cached = decoding.greedy_decode(_lively_params(), VAE, latents, batch_size=8, **options)
-    reference = decoding.greedy_decode_reference(_lively_params(), VAE, latents, **options)
+    reference = _plain_greedy(_lively_params(), VAE, latents, **options)
     np.testing.assert_array_equal(cached, reference)
     assert not np.any(cached == EOS_ID) and not np.any(cached == PAD_ID)
     # Without suppression most of these rows stop early, so the option changed the work.
@@ -309,7 +392,7 @@ def test_bfloat16_decoding_mostly_agrees_with_float32():
     bf16 = decoding.greedy_decode(
         _lively_params(), VAE, _latents(), max_length=MAX_LENGTH, compute_dtype="bfloat16"
     )
-    plain_bf16 = decoding.greedy_decode_reference(
+    plain_bf16 = _plain_greedy(
         _lively_params(), VAE, _latents(), max_length=MAX_LENGTH, compute_dtype="bfloat16"
     )
     assert bf16.dtype == np.int32 and bf16.shape == fp32.shape

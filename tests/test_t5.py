@@ -1,4 +1,5 @@
-"""T5 backbone: buckets, norms, attention, masks, cache == no cache, dropout, bfloat16."""
+"""T5 backbone: buckets, norms, attention, masks, dropout, bfloat16 (the cached step:
+test_decoding.py)."""
 
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def test_logits_use_the_tied_embedding_scaled_by_d_model():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
-# --- masks, causality, cache ------------------------------------------------------------
+# --- masks, causality ------------------------------------------------------------------
 
 
 def test_encoder_ignores_padded_positions():
@@ -174,35 +175,6 @@ def test_decoder_is_causal_and_memory_mask_hides_memory():
     assert not np.allclose(base[:, 5:], later[:, 5:])
     masked = np.asarray(decode(ids, memory.at[0, 4:].set(100.0)))
     np.testing.assert_array_equal(base[0], masked[0])
-
-
-@pytest.mark.parametrize("memory_mask, cache_length", [(None, 16), ("partial", 12)])
-def test_cached_decoding_equals_full_decoder_at_every_position(memory_mask, cache_length):
-    config = dataclasses.replace(TINY, dropout_rate=0.0)
-    params = _init()
-    model = t5.T5(config)
-    rng = np.random.default_rng(8)
-    batch, length = 3, 12
-    memory = jnp.asarray(rng.normal(size=(batch, 5, 32)), jnp.float32)
-    mask = None if memory_mask is None else jnp.array([[1, 1, 0, 0, 0], [1] * 5, [1, 1, 1, 1, 0]])
-    ids = _ids((batch, length), 9)
-    apply = jax.jit(model.apply, static_argnames="method")
-    full = apply({"params": params}, ids, memory, mask, method=t5.T5.decode)
-    cross = apply({"params": params}, memory, method=t5.T5.cross_key_values)
-    cache = t5.init_decoder_cache(config, batch, cache_length)  # may be just long enough
-    step = jax.jit(
-        lambda tok, pos, c: model.apply(
-            {"params": params}, tok, pos, c, cross, mask, method=t5.T5.decode_step
-        )
-    )
-    for position in range(length):
-        logits, cache = step(ids[:, position], jnp.int32(position), cache)
-        np.testing.assert_allclose(
-            np.asarray(logits), np.asarray(full[:, position]), rtol=2e-5, atol=2e-5
-        )
-    # Slots after the last written position are untouched.
-    assert not np.any(np.asarray(cache[0][0][:, :, length:]))
-    assert np.all(np.any(np.asarray(cache[0][0][:, :, :length]) != 0, axis=-1))
 
 
 def test_dropout_only_when_not_deterministic():
