@@ -14,7 +14,8 @@ Speed comes from:
   AMX (XLA's CPU bfloat16 matmul is fast only with a float32 result, and its bfloat16 batched
   attention matmuls are slower than float32 ones, so the cache stays float32);
 - the cache grows in blocks of 32 positions, so attention reads little more than the filled
-  prefix; it is updated in place (state buffers are donated);
+  prefix, into reused buffers (``decode_cache``); it is updated in place (state buffers are
+  donated);
 - a ``lax.while_loop`` over steps that exits as soon as every row has produced ``[EOS]``;
 - compaction: the loop runs in chunks of ``check_every`` steps; between chunks the host looks at
   which rows are still live and, when they fit in half the batch, gathers them into a batch of
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -46,6 +48,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from phraseldm_jax import decode_cache
+from phraseldm_jax.decode_cache import CacheBuffers
 from phraseldm_jax.t5 import KeyValue, relative_position_bucket
 from phraseldm_jax.vae import PhraseVAE, PhraseVAEConfig
 from phraseldm_jax.vocab import BOS_ID, EOS_ID, PAD_ID, PHRASE_VOCAB
@@ -289,91 +293,6 @@ def _advance(
     return jax.lax.while_loop(keep_going, step, state)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("length",), donate_argnames=("target",), keep_unused=True
-)
-def _grow_cache(state: _DecodeState, length: int, target=None) -> _DecodeState:
-    """Zero-pads the self-attention cache to ``length`` positions. ``target`` (a cache of that
-    shape, donated, contents ignored): the result is written into its buffers instead of new
-    ones (``keep_unused`` keeps the unread argument so that jax can alias it to the output)."""
-
-    def pad(x):
-        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
-
-    return state._replace(cache=jax.tree.map(pad, state.cache))
-
-
-class CacheBuffers:
-    """Key/value cache buffers kept for reuse by the cache growth of later decodes.
-
-    Growing the cache writes a zero-padded copy into a larger buffer. A fresh buffer of that
-    size (tens of MB per layer at the paper's size) is a fresh ``mmap`` on the host: its page
-    faults and the ``munmap`` of the old one cost more than the copy (all three growths of a
-    512-row paper-size decode on 2 devices: 0.42 s into fresh buffers, 0.12 s into reused
-    ones). ``greedy_decode(..., buffers=...)`` hands every cache it drops (grown from,
-    compacted, finished) to this pool and takes a growth target of the right shape, dtype and
-    sharding from it when there is one; the target is donated and fully overwritten, so the
-    tokens do not depend on what a buffer held. At most ``max_bytes`` are kept (the oldest
-    entries go first); ``clear()`` frees them. Not thread-safe: one decode at a time."""
-
-    def __init__(self, max_bytes: int = 2 << 30):
-        self.max_bytes = int(max_bytes)
-        self._free: dict[tuple, tuple[KeyValue, ...]] = {}  # insertion order = age
-
-    @staticmethod
-    def _key(shape, dtype, sharding) -> tuple:
-        return (tuple(shape), jnp.dtype(dtype).name, sharding)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held for reuse."""
-        return sum(_cache_bytes(cache) for cache in self._free.values())
-
-    def take(self, shape, dtype, sharding) -> tuple[KeyValue, ...] | None:
-        """A held cache whose arrays are all ``shape``/``dtype``/``sharding``, removed from
-        the pool; None if there is none."""
-        return self._free.pop(self._key(shape, dtype, sharding), None)
-
-    def give(self, cache: tuple[KeyValue, ...]) -> None:
-        """Keeps ``cache`` (a tuple of (keys, values) pairs of one shape) for reuse; arrays
-        already donated or deleted are ignored."""
-        leaves = jax.tree.leaves(cache)
-        if not leaves or any(x.is_deleted() for x in leaves):
-            return
-        first = leaves[0]
-        key = self._key(first.shape, first.dtype, first.sharding)
-        self._free.pop(key, None)
-        self._free[key] = cache
-        while self._free and self.nbytes > self.max_bytes:
-            del self._free[next(iter(self._free))]
-
-    def clear(self) -> None:
-        self._free.clear()
-
-
-def _cache_bytes(cache) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(cache))
-
-
-def _grow(state: _DecodeState, length: int, buffers: CacheBuffers | None) -> _DecodeState:
-    """``_grow_cache`` into a buffer from ``buffers`` when it holds one; the old cache goes
-    back to ``buffers``."""
-    if buffers is None:
-        return _grow_cache(state, length)
-    keys = state.cache[0][0]
-    shape = (*keys.shape[:2], length, keys.shape[3])
-    target = buffers.take(shape, keys.dtype, keys.sharding)
-    grown = _grow_cache(state, length, target)
-    buffers.give(state.cache)
-    return grown
-
-
-def _give(buffers: CacheBuffers | None, cache) -> None:
-    """Hands a dropped cache to ``buffers`` (if any) for reuse."""
-    if buffers is not None:
-        buffers.give(cache)
-
-
 @jax.jit
 def _take_rows(state: _DecodeState, rows: jax.Array, live: jax.Array) -> _DecodeState:
     """Gathers ``rows`` of every batched field; rows with ``live`` False become finished padding."""
@@ -439,22 +358,24 @@ def _check_options(max_length: int, batch_size: int, check_every: int, min_batch
         )
 
 
-def _decode_rows(
-    config,
-    sources,
-    masks,
-    rows,
-    out,
-    *,
-    max_length,
-    check_every,
-    min_batch,
-    suppress_eos,
-    placement,
-    buffers,
-) -> None:
+class _Options(NamedTuple):
+    """The keyword options of ``greedy_decode`` and ``greedy_decode_memory`` (see there)."""
+
+    max_length: int
+    batch_size: int
+    check_every: int
+    min_batch: int
+    suppress_eos: bool
+    compute_dtype: str | None
+    devices: Sequence[jax.Device] | None
+    buffers: CacheBuffers | None
+
+
+def _decode_rows(config, sources, masks, rows, out, options: _Options, placement) -> None:
     """Decodes ``sources[rows]`` (latents or memories) into ``out[rows]``; dropped caches go
-    to ``buffers`` (when not None), growth targets come from it."""
+    to ``options.buffers`` (when not None), growth targets come from it."""
+    max_length, check_every, min_batch = options.max_length, options.check_every, options.min_batch
+    suppress_eos, buffers = options.suppress_eos, options.buffers
     size = placement.bucket(len(rows), min_batch)
     live = np.arange(size) < len(rows)
     padded = np.concatenate([rows, np.full(size - len(rows), rows[0])])
@@ -477,7 +398,7 @@ def _decode_rows(
         stop = min((position // chunk + 1) * chunk, max_length - 1)
         if stop > cache_length:  # the loop reads positions up to stop - 1
             cache_length = min(-(-stop // _CACHE_BLOCK) * _CACHE_BLOCK, max_length)
-            state = _grow(state, cache_length, buffers)
+            state = state._replace(cache=decode_cache.grow(state.cache, cache_length, buffers))
         state = _advance(weights, config, state, np.int32(stop), suppress_eos, split)
         finished = np.asarray(state.finished)
         position = int(state.position)
@@ -492,18 +413,18 @@ def _decode_rows(
             leaving = (row_ids >= 0) & (finished | done)
             out[row_ids[leaving]] = tokens[leaving]
             if done:
-                _give(buffers, state.cache)
+                decode_cache.give(buffers, state.cache)
                 return
             keep = np.arange(new_size) < len(live_rows)
             take = np.concatenate([live_rows, np.full(new_size - len(live_rows), live_rows[0])])
             dropped, state = state.cache, _take_rows(state, take, keep)
-            _give(buffers, dropped)
+            decode_cache.give(buffers, dropped)
             row_ids = np.where(keep, row_ids[take], -1)
             size = new_size
         split = new_split
         dropped, state = state.cache, placement.put_state(state, split)
         if state.cache[0][0] is not dropped[0][0]:  # moved to other devices
-            _give(buffers, dropped)
+            decode_cache.give(buffers, dropped)
         params, weights = placement.weights(split)
 
 
@@ -514,24 +435,21 @@ def with_compute_dtype(config: PhraseVAEConfig, compute_dtype: str | None) -> Ph
     return dataclasses.replace(config, t5=dataclasses.replace(config.t5, dtype=compute_dtype))
 
 
-def _decode_all(params, config, sources, masks, **options) -> np.ndarray:
-    max_length = options["max_length"]
-    batch_size = options.pop("batch_size")
-    _check_options(max_length, batch_size, options["check_every"], options["min_batch"])
-    config = with_compute_dtype(config, options.pop("compute_dtype"))
-    devices = options.pop("devices")
+def _decode_all(params, config, sources, masks, options: _Options) -> np.ndarray:
+    """Decodes every row of ``sources`` (latents or memories, checked), ``batch_size`` at a
+    time: the common body of ``greedy_decode`` and ``greedy_decode_memory``."""
+    max_length, batch_size = options.max_length, options.batch_size
+    _check_options(max_length, batch_size, options.check_every, options.min_batch)
+    config = with_compute_dtype(config, options.compute_dtype)
     placement = _Placement(  # weights put on the devices once, not at every chunk
-        devices, params, decoder_weights(params, config), MIN_ROWS_PER_DEVICE
+        options.devices, params, decoder_weights(params, config), MIN_ROWS_PER_DEVICE
     )
-    buffers = options.pop("buffers")
-    if buffers is None and len(sources) > batch_size:  # several batches: reuse within the call
-        buffers = CacheBuffers()
+    if options.buffers is None and len(sources) > batch_size:  # several batches: reuse them
+        options = options._replace(buffers=CacheBuffers())
     out = np.full((len(sources), max_length), PAD_ID, np.int32)
     for start in range(0, len(sources), batch_size):
         rows = np.arange(start, min(start + batch_size, len(sources)))
-        _decode_rows(
-            config, sources, masks, rows, out, placement=placement, buffers=buffers, **options
-        )
+        _decode_rows(config, sources, masks, rows, out, options, placement)
     return out
 
 
@@ -583,11 +501,7 @@ def greedy_decode(
     if latents.ndim != 2 or latents.shape[1] != config.latent_dim:
         raise ValueError(f"latents must be [N, {config.latent_dim}], got shape {latents.shape}")
     masks = np.ones((len(latents), config.n_query_tokens), np.int32)
-    return _decode_all(
-        params,
-        config,
-        latents,
-        masks,
+    options = _Options(
         max_length=max_length,
         batch_size=batch_size,
         check_every=check_every,
@@ -597,29 +511,19 @@ def greedy_decode(
         devices=devices,
         buffers=buffers,
     )
+    return _decode_all(params, config, latents, masks, options)
 
 
 def greedy_decode_memory(
-    params: Any,
-    config: PhraseVAEConfig,
-    memory: Any,
-    memory_mask: Any | None = None,
-    *,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    batch_size: int = 1024,
-    check_every: int = 4,
-    min_batch: int = 8,
-    suppress_eos: bool = False,
-    compute_dtype: str | None = None,
-    devices: Sequence[jax.Device] | None = None,
-    buffers: CacheBuffers | None = None,
+    params: Any, config: PhraseVAEConfig, memory: Any, memory_mask: Any | None = None, **options
 ) -> np.ndarray:
     """Greedy token ids from decoder memories (any head; see ``PhraseVAE.encode_memory``).
 
     Args:
       memory: [N, mem_len, d_model] float.
       memory_mask: [N, mem_len], nonzero = visible; None = all visible.
-      Other options as ``greedy_decode``.
+      options: the keyword options of ``greedy_decode``, with its defaults (its signature is
+        the one list of them).
     Returns:
       int32 numpy [N, max_length], as ``greedy_decode``.
     """
@@ -631,20 +535,15 @@ def greedy_decode_memory(
     memory_mask = np.asarray(memory_mask).astype(np.int32)
     if memory_mask.shape != memory.shape[:2]:
         raise ValueError(f"memory_mask must be {memory.shape[:2]}, got {memory_mask.shape}")
-    return _decode_all(
-        params,
-        config,
-        memory,
-        memory_mask,
-        max_length=max_length,
-        batch_size=batch_size,
-        check_every=check_every,
-        min_batch=min_batch,
-        suppress_eos=suppress_eos,
-        compute_dtype=compute_dtype,
-        devices=devices,
-        buffers=buffers,
-    )
+    return _decode_all(params, config, memory, memory_mask, _bind_options(options))
+
+
+def _bind_options(options: dict[str, Any]) -> _Options:
+    """``greedy_decode``'s keyword options from ``options``, its defaults for the rest;
+    TypeError for a name it does not take."""
+    bound = inspect.signature(greedy_decode).bind(None, None, None, **options)
+    bound.apply_defaults()
+    return _Options(*(bound.arguments[name] for name in _Options._fields))
 
 
 def tokens_to_phrases(token_ids: Iterable[Iterable[int]]) -> list[str]:

@@ -356,6 +356,8 @@ def test_bad_input_is_reported():
         decoding.greedy_decode(params, dataclasses.replace(VAE, head="query"), _latents(2))
     with pytest.raises(ValueError, match="memory_mask"):
         decoding.greedy_decode_memory(params, VAE, np.zeros((2, 4, 32)), np.ones((2, 3)))
+    with pytest.raises(TypeError, match="max_lenght"):  # options are greedy_decode's
+        decoding.greedy_decode_memory(params, VAE, np.zeros((2, 4, 32)), max_lenght=8)
 
 
 def test_suppress_eos_runs_every_position_and_matches_plain_greedy():
