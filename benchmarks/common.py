@@ -398,7 +398,7 @@ def vae_pair(quick: bool, seed: int = 0) -> VaePair:
     from phraseldm_jax.convert import api
 
     config = vae_model_config(quick)
-    params = vae_lib.init_params(config, jax.random.PRNGKey(seed))
+    params = vae_lib.init_params(jax.random.PRNGKey(seed), config)
     return _vae_pair_from_loaded(api.LoadedPhraseVAE(config, params), "random init")
 
 

@@ -224,8 +224,9 @@ class PhraseVAE(nn.Module):
         return logits, (mean, logvar)
 
 
-def init_params(config: PhraseVAEConfig, rng: jax.Array) -> dict[str, Any]:
-    """Fresh parameters (HF T5 init for the backbone, PyTorch defaults for the latent head)."""
+def init_params(rng: jax.Array, config: PhraseVAEConfig) -> dict[str, Any]:
+    """Fresh parameters (HF T5 init for the backbone, PyTorch defaults for the latent head);
+    ``(rng, config)`` as ``ldm.init_params``."""
     length = config.n_query_tokens + 2
     ids = jnp.full((1, length), 5, jnp.int32)
     mask = jnp.ones((1, length), jnp.int32)

@@ -61,7 +61,7 @@ def read_workdir_config(workdir: str) -> dict:
 
 def abstract_params(config: vae_lib.PhraseVAEConfig) -> Any:
     """ShapeDtypeStructs of the params of ``config`` (nothing allocated)."""
-    return jax.eval_shape(lambda: vae_lib.init_params(config, jax.random.PRNGKey(0)))
+    return jax.eval_shape(lambda: vae_lib.init_params(jax.random.PRNGKey(0), config))
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -163,7 +163,7 @@ def make_init_params(config: ml_collections.ConfigDict) -> Callable:
 
     def init_params(rng, example_batch):
         del example_batch
-        params = dict(vae_lib.init_params(model, rng))
+        params = dict(vae_lib.init_params(rng, model))
         if init_from:
             if "t5" not in loaded:  # read once, even though the trainer traces init twice
                 loaded["t5"] = load_previous_t5(init_from, which, params["t5"])

@@ -48,7 +48,7 @@ def _random_params(init, seed):
 
 @functools.cache
 def _vae():
-    params = _random_params(lambda: vae.init_params(TINY_VAE, jax.random.key(0)), 0)
+    params = _random_params(lambda: vae.init_params(jax.random.key(0), TINY_VAE), 0)
     return api.LoadedPhraseVAE(TINY_VAE, params)
 
 

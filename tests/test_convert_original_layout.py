@@ -51,7 +51,7 @@ def _random_params(init, seed: int) -> dict:
 
 @functools.cache
 def _vae() -> api.LoadedPhraseVAE:
-    params = _random_params(lambda: vae.init_params(TINY_VAE, jax.random.key(0)), seed=0)
+    params = _random_params(lambda: vae.init_params(jax.random.key(0), TINY_VAE), seed=0)
     return api.LoadedPhraseVAE(TINY_VAE, params)
 
 
@@ -206,7 +206,7 @@ def test_vae_mismatches_are_listed_with_the_file(tmp_path):
 
 def test_only_stage3_vaes_have_the_original_layout(tmp_path):
     config = vae.PhraseVAEConfig(t5=TINY_T5, head="query")
-    params = _random_params(lambda: vae.init_params(config, jax.random.key(0)), seed=2)
+    params = _random_params(lambda: vae.init_params(jax.random.key(0), config), seed=2)
     model = api.LoadedPhraseVAE(config, params)
     with pytest.raises(ValueError, match="head 'vae'.*head 'query'"):
         api.export_phrase_vae(model, tmp_path)

@@ -24,7 +24,7 @@ def _lively_params():
     """Random params made to decode varied sequences: a fresh T5 mostly repeats its input token,
     so the residual branches are amplified (the output depends on position and memory) and the
     [EOS] embedding is enlarged (rows stop at varied positions; some never stop)."""
-    params = vae.init_params(VAE, jax.random.key(0, impl="unsafe_rbg"))  # compiles fast
+    params = vae.init_params(jax.random.key(0, impl="unsafe_rbg"), VAE)  # compiles fast
 
     def amplify(path, x):
         return x * 10.0 if path[-2].key in ("o", "wo") else x

@@ -176,7 +176,7 @@ def test_decodes_with_the_vae_of_the_workdir(tmp_path):
         n_query_tokens=4,
         latent_dim=64,
     )
-    vae_params = vae.init_params(vae.PhraseVAEConfig(**vae_config.model), jax.random.PRNGKey(1))
+    vae_params = vae.init_params(jax.random.PRNGKey(1), vae.PhraseVAEConfig(**vae_config.model))
     vae_dir = ldm_fixtures.save_workdir(tmp_path / "vae", vae_config, vae_params)
     workdir = _workdir(tmp_path, vae_workdir=vae_dir)
     out = tmp_path / "songs"

@@ -202,7 +202,7 @@ def test_vae_decoder_from_workdir(tmp_path):
         latent_dim=64,
     )
     vae_config = vae.PhraseVAEConfig(**config.model)
-    params = vae.init_params(vae_config, jax.random.PRNGKey(0))
+    params = vae.init_params(jax.random.PRNGKey(0), vae_config)
     workdir = ldm_fixtures.save_workdir(tmp_path / "vae", config, params, which="latest")
     decoder = sampling.VAEDecoder.from_workdir(workdir, max_length=6)  # falls back to latest
     texts = decoder.decode(np.random.default_rng(0).normal(size=(5, 64)))

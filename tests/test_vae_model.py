@@ -25,7 +25,7 @@ def _dropout_key(seed: int) -> jax.Array:
 
 @functools.cache
 def _vae_params():
-    return vae.init_params(VAE, _dropout_key(0))  # fast to compile, like dropout
+    return vae.init_params(_dropout_key(0), VAE)  # fast to compile, like dropout
 
 
 def _params(config):

@@ -57,7 +57,7 @@ def _eval_batch(config, split="train", rows=16):
 
 def test_stage3_loss_is_ce_plus_weighted_kl_with_sampling_only_in_training():
     config = fx.tiny_config(3)
-    params = vae_lib.init_params(vae_task.model_config(config), jax.random.PRNGKey(0))
+    params = vae_lib.init_params(jax.random.PRNGKey(0), vae_task.model_config(config))
     batch = _eval_batch(config)
     loss_fn = jax.jit(vae_task.make_loss_fn(config), static_argnums=4)
     rng = jax.random.PRNGKey(1)
@@ -83,7 +83,7 @@ def test_stage3_loss_is_ce_plus_weighted_kl_with_sampling_only_in_training():
 
 def test_stage2_loss_has_no_kl():
     config = fx.tiny_config(2)
-    params = vae_lib.init_params(vae_task.model_config(config), jax.random.PRNGKey(0))
+    params = vae_lib.init_params(jax.random.PRNGKey(0), vae_task.model_config(config))
     loss_fn = jax.jit(vae_task.make_loss_fn(config), static_argnums=4)
     loss, metrics = loss_fn(params, None, _eval_batch(config), jax.random.PRNGKey(0), False)
     assert "kl" not in metrics and float(loss) == float(metrics["recon"])
@@ -97,7 +97,7 @@ def test_evaluator_scores_every_record_once_and_matches_a_direct_computation():
     evaluator = vae_task.Evaluator(config, "validation")
     n = len(evaluator.source)
     assert n % 64 != 0
-    params = vae_lib.init_params(vae_task.model_config(config), jax.random.PRNGKey(3))
+    params = vae_lib.init_params(jax.random.PRNGKey(3), vae_task.model_config(config))
     metrics, outputs, targets = evaluator.run(params, step=0)
     assert metrics["examples"] == n and metrics["f1_examples"] == n
 
@@ -131,7 +131,7 @@ def test_evaluator_limits_spread_over_the_split():
     config.eval.max_examples = 40
     config.eval.max_f1_examples = 7
     evaluator = vae_task.Evaluator(config, "validation")
-    params = vae_lib.init_params(vae_task.model_config(config), jax.random.PRNGKey(0))
+    params = vae_lib.init_params(jax.random.PRNGKey(0), vae_task.model_config(config))
     metrics = evaluator(params, step=0)
     assert metrics["examples"] == 40 and metrics["f1_examples"] == 7
     picked = vae_task.spread_indices(100, 7)
@@ -165,7 +165,7 @@ def test_stage_init_takes_the_previous_t5_and_fresh_heads(chain, stage):
     previous = checkpointing.load_params(chain[stage - 1], "best")
     fx.assert_trees_equal(params["t5"], previous["t5"])
     fresh = vae_lib.init_params(
-        vae_task.model_config(config), jax.random.split(jax.random.PRNGKey(42))[0]
+        jax.random.split(jax.random.PRNGKey(42))[0], vae_task.model_config(config)
     )
     assert not np.array_equal(
         np.asarray(fresh["t5"]["shared"]["embedding"]),

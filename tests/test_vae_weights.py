@@ -36,7 +36,7 @@ ORIGINAL_CONFIG = {
 
 @functools.cache
 def _params():
-    params = vae.init_params(VAE, jax.random.key(0, impl="unsafe_rbg"))  # compiles fast
+    params = vae.init_params(jax.random.key(0, impl="unsafe_rbg"), VAE)  # compiles fast
     return jax.tree.map(np.asarray, params)
 
 

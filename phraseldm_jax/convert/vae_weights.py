@@ -98,7 +98,7 @@ def _key_map(config: vae_lib.PhraseVAEConfig) -> list[tuple[str, tuple[str, ...]
 
 
 def _param_shapes(config: vae_lib.PhraseVAEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    abstract = jax.eval_shape(lambda rng: vae_lib.init_params(config, rng), jax.random.key(0))
+    abstract = jax.eval_shape(lambda rng: vae_lib.init_params(rng, config), jax.random.key(0))
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
