@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
+from phraseldm_jax import trees
+
 MIB = 2**20
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "phraseldm_jax", "xla")
@@ -268,10 +270,6 @@ def torch_reference():
     return torch_reference
 
 
-def count_params(tree) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
 @dataclasses.dataclass
 class LdmPair:
     """The length-conditioned PhraseLDM on both sides with the same weights."""
@@ -335,7 +333,7 @@ def ldm_pair(quick: bool, seed: int = 0) -> LdmPair:
     with tempfile.TemporaryDirectory() as folder:
         api.export_phrase_ldm(loaded, folder)
         torch_model = ref.ReferencePhraseLDM.from_pretrained(folder, strict=True).eval()
-    return LdmPair(config, jax.device_put(loaded.params), torch_model, count_params(params))
+    return LdmPair(config, jax.device_put(loaded.params), torch_model, trees.param_count(params))
 
 
 def torch_ldm_forward(torch_model, x, t, n_bars):
@@ -386,7 +384,7 @@ def _vae_pair_from_loaded(loaded, source: str) -> VaePair:
         loaded.config,
         jax.device_put(loaded.params),
         torch_model,
-        count_params(loaded.params),
+        trees.param_count(loaded.params),
         source,
     )
 
@@ -414,7 +412,7 @@ def trained_ldm_pair(workdir: str) -> LdmPair:
         loaded.config,
         jax.device_put(loaded.params),
         torch_model.eval(),
-        count_params(loaded.params),
+        trees.param_count(loaded.params),
     )
 
 

@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import ldm_common, vae_common
-from phraseldm_jax import ldm_task, optim, sharding, trainer, vae_task
+from phraseldm_jax import ldm_task, optim, sharding, trainer, trees, vae_task
 
 MIB = 2**20
 MODELS = ("vae", "ldm")
@@ -168,7 +168,7 @@ def measure(model: str, mesh_shape: tuple[int, int], variant: str) -> dict:
         "model": model,
         "mesh": "x".join(map(str, mesh_shape)),
         "variant": variant,
-        "params_m": sum(x.size for x in jax.tree.leaves(abstract.params)) / 1e6,
+        "params_m": trees.param_count(abstract.params) / 1e6,
         "args": args,
         "out": out,
         "alias": alias,

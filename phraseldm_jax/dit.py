@@ -17,7 +17,6 @@ residual stream and the output are float32. ``config.remat`` wraps every block i
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -514,8 +513,3 @@ class DiT(nn.Module):
 
         out = Dense(cfg.out_channels, dtype=dtype, name="proj_out")(h)[:, 1:]  # drop global
         return Dense(cfg.out_channels, dtype=dtype, name="postprocess_conv")(out) + out
-
-
-def num_params(params) -> int:
-    """Total number of parameter elements in a pytree."""
-    return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -450,8 +449,3 @@ class T5(nn.Module):
         """Sequence-to-sequence logits [batch, dec_len, vocab] (memory = all encoder states)."""
         memory = self.encode(input_ids, attention_mask, deterministic)
         return self.decode(decoder_input_ids, memory, attention_mask, deterministic)
-
-
-def param_count(params: Any) -> int:
-    """Number of scalars in a params pytree."""
-    return sum(int(x.size) for x in jax.tree.leaves(params))

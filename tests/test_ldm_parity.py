@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers", reason="parity tests need the torch
 
 import torch_reference as ref  # noqa: E402
 
-from phraseldm_jax import conditioning, ldm  # noqa: E402
+from phraseldm_jax import conditioning, ldm, trees  # noqa: E402
 from phraseldm_jax.convert import ldm_weights  # noqa: E402
 from phraseldm_jax.dit import DiTConfig  # noqa: E402
 
@@ -163,6 +163,6 @@ def test_paper_parameter_counts():
             tuple(model_config.items()), length_control, sec_control
         )
         torch_count = sum(p.numel() for p in torch_model.state_dict().values())
-        counts[variant] = sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params))
+        counts[variant] = trees.param_count(params)
         assert counts[variant] == torch_count
     assert counts["lencond"] - counts["uncond"] == 128 * 128

@@ -2,7 +2,6 @@
 (parameters, data order with augmentation, metrics), and the command line."""
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 import train_ldm
 from configs import ldm_lencond, ldm_seccond, ldm_uncond
-from phraseldm_jax import checkpointing, ldm, ldm_task, metric_writer
+from phraseldm_jax import checkpointing, ldm, ldm_task, metric_writer, trees
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +37,7 @@ def test_paper_configs(module, expected):
         lambda k: ldm.PhraseLDM(cfg).init(k, **ldm.example_inputs(cfg, 1, 8)),
         jax.random.PRNGKey(0),
     )
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    n = trees.param_count(shapes)
     assert abs(n - expected) < 0.01e6, n
     for size in ("small", "tiny"):
         small = module.get_config(size)

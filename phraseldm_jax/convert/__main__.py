@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _describe(model) -> str:
     from phraseldm_jax.convert.api import LoadedPhraseVAE
+    from phraseldm_jax.trees import param_count
 
-    n = sum(leaf.size for leaf in _leaves(model.params))
+    n = param_count(model.params)
     if isinstance(model, LoadedPhraseVAE):
         c = model.config
         return f"PhraseVAE head={c.head} d_model={c.t5.d_model} latent={c.latent_dim}, {n:,} params"
@@ -57,12 +58,6 @@ def _describe(model) -> str:
         f"PhraseLDM length_control={c.length_control} sec_control={c.sec_control} "
         f"layers={c.dit.num_layers}, {n:,} params"
     )
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def run_import(args, log=print) -> None:
