@@ -10,8 +10,8 @@ Speed comes from:
   cross-attention keys/values computed once per decode, the position bias of the one new query
   looked up from the table, matmuls in the compute dtype with float32 results, cache and
   attention in float32;
-- ``compute_dtype="bfloat16"`` (opt-in): bfloat16 matmuls, ~1.5-2x faster steps on CPUs with
-  AMX (XLA's CPU bfloat16 matmul is fast only with a float32 result, and its bfloat16 batched
+- ``compute_dtype="bfloat16"`` (opt-in): bfloat16 matmuls, faster steps on CPUs with AMX
+  (XLA's CPU bfloat16 matmul is fast only with a float32 result, and its bfloat16 batched
   attention matmuls are slower than float32 ones, so the cache stays float32);
 - the cache grows in blocks of 32 positions, so attention reads little more than the filled
   prefix, into reused buffers (``decode_cache``); it is updated in place (state buffers are
@@ -25,9 +25,9 @@ Speed comes from:
 - ``devices``: the rows are split evenly over several devices (one program per device, run
   concurrently). On a CPU split into one device per core (``sharding.use_cpu_cores``) this is
   what puts the second core to work on the attention over the cache, which XLA:CPU runs on one
-  thread per program: 1.3x (float32) to 1.6x (bfloat16) on 2 cores.
+  thread per program.
 
-Measured numbers and where the time goes: ``docs/DECODING.md``.
+Measured numbers (what each of these gains) and where the time goes: ``docs/DECODING.md``.
 
 ``decode_step`` is the only cached T5 decoder; tests/test_decoding.py checks its logits against
 the teacher-forced ``PhraseVAE.decode_logits`` at every position, and the tokens of the loop
@@ -391,7 +391,7 @@ def _decode_rows(config, sources, masks, rows, out, options: _Options, placement
     position = 0
     while True:
         # A split batch is large and synchronises its devices at every check: check half as
-        # often (uniform 512 x 128 bf16 on 2 devices 4.13 -> 3.94 s, songs unchanged).
+        # often (faster on large batches, songs unchanged: docs/DECODING.md).
         chunk = 2 * check_every if split else check_every
         # Chunks end on multiples of their length, so that (with power-of-two check_every)
         # no chunk straddles a cache block: steps before the boundary read the shorter cache.
@@ -479,8 +479,8 @@ def greedy_decode(
       min_batch: smallest batch the live rows are compacted into.
       suppress_eos: never emit ``[EOS]`` (its logit is -inf): every row runs all ``max_length``
         positions (equal work for benchmarks; ``generate(suppress_tokens=[EOS])`` does the same).
-      compute_dtype: matmul dtype for this decode ("bfloat16" is ~4x faster on CPUs with AMX);
-        None keeps ``config.t5.dtype``. Norms, softmax, logits and the argmax stay float32;
+      compute_dtype: matmul dtype for this decode ("bfloat16": faster matmuls on CPUs with
+        AMX); None keeps ``config.t5.dtype``. Norms, softmax, logits and the argmax stay float32;
         bfloat16 tokens can differ from float32 ones where two logits are nearly tied.
       devices: split large batches evenly over these devices (rounded up to a multiple of
         their number; batches under ``MIN_ROWS_PER_DEVICE`` rows per device and the first

@@ -19,7 +19,7 @@ FULL = dataclasses.replace(VAE, head="full_sequence")
 
 
 def _dropout_key(seed: int) -> jax.Array:
-    """RngBitGenerator keys: dropout and init with threefry keys compile ~5x slower on CPU."""
+    """RngBitGenerator keys: dropout and init with threefry keys compile far slower on CPU."""
     return jax.random.key(seed, impl="unsafe_rbg")
 
 
