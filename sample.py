@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         choices=("float32", "bfloat16"),
-        help="matmul dtype of the DiT and the PhraseVAE decoder; bfloat16 is about 2x faster on "
+        help="matmul dtype of the DiT and the PhraseVAE decoder; bfloat16 is faster on "
         "CPUs with AMX and on accelerators (tokens can differ where two logits nearly tie); "
         "default: the checkpoints' (float32)",
     )

@@ -225,8 +225,12 @@ class PhraseLDM(nn.Module):
                 context_mask = jnp.where(drop[:, None], 1.0, context_mask)
         return self.dit(x, t, global_states, context, context_mask)
 
-    def __call__(self, x, t, n_bars=None, sections=None, deterministic=True, **conditions):
-        return self.predict_noise(x, t, n_bars, sections, deterministic, **conditions)
+    def __call__(
+        self, x, t, n_bars=None, sections=None, deterministic=True, *, has_plan=None, null=None
+    ):
+        return self.predict_noise(
+            x, t, n_bars, sections, deterministic, has_plan=has_plan, null=null
+        )
 
     def _maybe_frozen(self, states: jax.Array) -> jax.Array:
         return states if self.config.train_encoders else jax.lax.stop_gradient(states)
@@ -300,9 +304,9 @@ def inference_params(params: Mapping, config: PhraseLDMConfig) -> dict:
     """``params`` with the DiT's matmul kernels stored in its compute dtype, for sampling.
 
     Every ``Dense`` casts its kernel to ``config.dit.dtype`` at each call; in a sampler that
-    repeats the same casts at every step (on CPU, bfloat16 at the paper's size: ~33 ms of a
-    ~310 ms batch-4 step). Casting once gives the same numbers (a cast of a cast is the same
-    cast). Everything else (biases, norms, embeddings, encoders) is unchanged; float32 configs
+    repeats the same casts at every step (a measurable share of a CPU step: docs/BENCHMARKS.md,
+    dit_step). Casting once gives the same numbers (a cast of a cast is the same cast).
+    Everything else (biases, norms, embeddings, encoders) is unchanged; float32 configs
     get ``params`` back as they are.
     """
     dtype = jnp.dtype(config.dit.dtype)

@@ -4,10 +4,9 @@
 means and log-variances (batched, jitted, padded to a few fixed shapes so that only a handful
 of programs are ever compiled, batch split over a device mesh), ``decode`` latents to phrases
 (cached greedy decoding, ``decoding.py``, optionally split over ``devices``), ``first_tokens``
-(one greedy step: where songs end), ``decode_song`` a song's slot latents
-``[4 * n_bars (or 512), 64]`` to its REMI-z string or MultiTrack. ``from_workdir`` loads a
-training workdir or an original-layout folder (``pretrained.load_vae``). The commands are in
-``cli/vae.py``.
+(one greedy step: where songs end); ``songs.decode_songs`` assembles songs with it.
+``from_workdir`` loads a training workdir or an original-layout folder
+(``pretrained.load_vae``). The commands are in ``cli/vae.py``.
 
 Bad input: a phrase longer than the model's ``max_length`` is truncated and a warning counts
 how many were; an unknown token (``UnknownTokenError``), an empty phrase, latents of the wrong
@@ -27,8 +26,6 @@ import numpy as np
 
 from phraseldm_jax import checkpointing, decoding, phrases, pretrained, sharding
 from phraseldm_jax import vae as vae_lib
-from phraseldm_jax.phrases import SLOTS_PER_BAR
-from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.vocab import BOS_ID, EOS_ID, PAD_ID, PHRASE_VOCAB, QUERY_IDS
 
 LENGTH_BUCKETS = (8, 16, 32, 64, 128)  # encoder input lengths compiled (capped at max_length)
@@ -247,18 +244,3 @@ class PhraseVAEModel:
     def reconstruct(self, texts: Sequence[str]) -> list[str]:
         """``decode(encode(texts).mean)``."""
         return self.decode(self.encode(texts)[0])
-
-    def decode_song(self, latents: Any) -> str:
-        """A song's slot latents [4 * n_bars, latent_dim] (or a padded [512, latent_dim])
-        -> its REMI-z string (tokens up to the first ``[SEP]``, SPEC section 7)."""
-        latents = self.check_latents(latents, "song latents")
-        if len(latents) % SLOTS_PER_BAR:
-            raise ValueError(
-                f"song latents have {len(latents)} rows, not a multiple of the "
-                f"{SLOTS_PER_BAR} slots of a bar"
-            )
-        return phrases.slots_to_remiz(self.decode(latents))
-
-    def decode_song_multitrack(self, latents: Any) -> MultiTrack:
-        """``decode_song`` as a remi-z MultiTrack."""
-        return phrases.remiz_to_multitrack(self.decode_song(latents))
