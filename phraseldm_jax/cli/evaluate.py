@@ -25,8 +25,12 @@ KEEP = "(default: the workdir config's)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Flags without a default are absent unless given (SUPPRESS): the workdir config's eval.*
+    # values stand, and --help shows no "(default: None)".
+    parser.argument_default = argparse.SUPPRESS
     parser.add_argument("--workdir", required=True, help="PhraseLDM training workdir")
     parser.add_argument("--which", default="best", choices=checkpointing.WHICH, help="checkpoint")
+    parser.add_argument("--out", help="also write the metrics to this JSON file")
     parser.add_argument("--sampler", choices=diffusion.SAMPLERS, help=f"sampler {KEEP}")
     parser.add_argument("--steps", type=int, dest="num_steps", help=f"sampler steps {KEEP}")
     parser.add_argument("--num_songs", type=int, help=f"songs to generate {KEEP}")
@@ -41,12 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss_batches", type=int, help=f"validation-loss batches, 0 = skip {KEEP}"
     )
-    parser.add_argument("--out", help="also write the metrics to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = vars(args).copy()
-    workdir, which, out = overrides.pop("workdir"), overrides.pop("which"), overrides.pop("out")
+    workdir, which = overrides.pop("workdir"), overrides.pop("which")
+    out = overrides.pop("out", None)
     result = ldm_task.evaluate_checkpoint(workdir, which, **overrides)
     text = json.dumps(result, indent=2)
     print(text)
