@@ -83,7 +83,7 @@ def stage_commands(config, workdir: str) -> list[tuple[str, list[str]]]:
         ),
         (
             "latent dataset",
-            ["-m", "phraseldm_jax.latent_dataset", "--vae_workdir", vae3, "--data_dir", data_dir]
+            ["-m", "phraseldm_jax.cli.latents", "--vae_workdir", vae3, "--data_dir", data_dir]
             + ["--out", latents, "--checkpoint", vae.checkpoint, "--overwrite"],
         ),
         (

@@ -32,6 +32,7 @@ import sys
 import time
 
 from phraseldm_jax import sections
+from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 KEY_PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 DEFAULT_FAST_STEPS = 50
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         choices=("float32", "bfloat16"),
-        help="matmul dtype of the DiT and the PhraseVAE decoder; bfloat16 is about 2x faster on "
+        help="matmul dtype of the DiT and the PhraseVAE decoder; bfloat16 is faster on "
         "CPUs with AMX and on accelerators (tokens can differ where two logits nearly tie); "
         "default: the checkpoints' (float32)",
     )
@@ -155,31 +156,27 @@ def check_model(parser, args, ldm_cfg) -> None:
         parser.error("--guidance needs a conditional model")
     if args.force_length and args.bars is None and args.plan is None and not ldm_cfg.length_control:
         parser.error("--force_length needs --bars or --plan (the model has no length condition)")
-    max_bars = ldm_cfg.dit.sample_size // 4  # 4 latents per bar
+    max_bars = ldm_cfg.dit.sample_size // SLOTS_PER_BAR
     bars = args.section_plan.n_bars if args.section_plan is not None else args.bars
     if bars is not None and bars > max_bars:
         parser.error(f"{bars} bars requested but {args.checkpoint} generates at most {max_bars}")
 
 
-def write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file (atomic)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run(args, model, decoder, log=print) -> dict:
     """Samples ``args.num_songs`` songs in batches and writes them; returns the summary."""
+    # Imported here, not at the top: jax and the models are heavy, and every option is checked
+    # (and --help answered) before they load.
     import jax
     import numpy as np
     import tqdm
 
-    from phraseldm_jax import ldm, sampling, sharding
+    from phraseldm_jax import ldm, sharding, songs
+    from phraseldm_jax.convert.safetensors_io import write_text_atomically
+    from phraseldm_jax.sampler import LatentSampler, SamplerSettings
 
     ldm_cfg, params = model.config, model.params
     ldm_cfg = ldm.with_compute_dtype(ldm_cfg, args.dtype)
-    settings = sampling.SamplerSettings(
+    settings = SamplerSettings(
         sampler=args.sampler,
         num_steps=args.steps,
         guidance_scale=args.guidance,
@@ -189,33 +186,35 @@ def run(args, model, decoder, log=print) -> dict:
     target = args.bars
     if target is None and ldm_cfg.length_control:  # the paper's evaluation length
         target = (
-            args.section_plan.n_bars if args.section_plan else min(64, ldm_cfg.dit.sample_size // 4)
+            args.section_plan.n_bars
+            if args.section_plan
+            else min(64, ldm_cfg.dit.sample_size // SLOTS_PER_BAR)
         )
     forced_bars = None
     if args.force_length:
         forced_bars = target if target is not None else args.section_plan.n_bars
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-    sampler = sampling.LatentSampler(ldm_cfg, settings, mesh)
+    sampler = LatentSampler(ldm_cfg, settings, mesh)
     os.makedirs(args.out, exist_ok=True)
     timings = {"compile_s": 0.0, "sample_s": 0.0, "decode_s": 0.0, "write_s": 0.0}
     songs_out = []
     bar = tqdm.tqdm(total=args.num_songs, desc="songs", unit="song", file=sys.stderr)
     for index, start in enumerate(range(0, args.num_songs, args.batch_size)):
         n = min(args.batch_size, args.num_songs - start)
-        cond = sampling.make_conditions(n, target, args.section_plan)
+        cond = ldm.make_conditions(n, target, args.section_plan)
         t0 = time.perf_counter()
         latents = sampler(params, jax.random.fold_in(jax.random.PRNGKey(args.seed), index), cond)
         t1 = time.perf_counter()
-        songs = sampling.decode_songs(decoder, latents, forced_bars)
+        decoded = songs.decode_songs(decoder, latents, forced_bars)
         t2 = time.perf_counter()
-        for offset, song in enumerate(songs):
+        for offset, song in enumerate(decoded):
             name = f"song_{start + offset:03d}"
             entry = {"file": f"{name}.mid", "text_file": f"{name}.txt", "n_bars": song.n_bars}
             entry["bars_before_sep"] = song.bars_before_sep
             entry["error"] = song.error
-            write_text(os.path.join(args.out, f"{name}.txt"), song.text + "\n")
+            write_text_atomically(os.path.join(args.out, f"{name}.txt"), song.text + "\n")
             if song.multitrack is not None:
-                sampling.write_midi(
+                songs.write_midi(
                     song.multitrack,
                     os.path.join(args.out, entry["file"]),
                     tempo=args.tempo,
@@ -231,7 +230,7 @@ def run(args, model, decoder, log=print) -> dict:
         timings["decode_s"] += t2 - t1
         timings["write_s"] += t3 - t2
         bar.update(n)
-        bar.set_postfix(bars=[s.n_bars for s in songs][:8])
+        bar.set_postfix(bars=[s.n_bars for s in decoded][:8])
     bar.close()
     bars = [s["n_bars"] for s in songs_out]
     log(f"{len(songs_out)} songs, bars {bars}, written to {args.out}")
@@ -273,25 +272,30 @@ def main(argv=None, decoder=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    from phraseldm_jax import sampling, sharding
+    # Imported after the checks (see ``run``); use_cpu_cores before any jax computation.
+    from phraseldm_jax import pretrained, sharding
 
-    sharding.use_cpu_cores(args.cpu_devices or None)  # before any jax computation
+    sharding.use_cpu_cores(args.cpu_devices or None)
     import jax
+
+    from phraseldm_jax.convert.safetensors_io import write_text_atomically
+    from phraseldm_jax.vae_inference import SONG_DECODE_BATCH, PhraseVAEModel
 
     started = time.perf_counter()
     try:
-        ldm_cfg = sampling.read_ldm_config(args.checkpoint)
+        ldm_cfg = pretrained.read_ldm_config(args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     check_model(parser, args, ldm_cfg)
-    model = sampling.load_ldm(args.checkpoint, args.which)
+    model = pretrained.load_ldm(args.checkpoint, args.which)
     if decoder is None:
         vae_workdir = args.vae_workdir or model.vae_workdir
         if not vae_workdir:
             parser.error(f"{args.checkpoint} names no PhraseVAE: give --vae_workdir")
-        decoder = sampling.VAEDecoder.from_workdir(
+        decoder = PhraseVAEModel.from_workdir(
             vae_workdir,
             max_length=args.max_decode_length,
+            decode_batch_size=SONG_DECODE_BATCH,
             devices=jax.local_devices(),
             compute_dtype=args.dtype,
         )
@@ -299,7 +303,8 @@ def main(argv=None, decoder=None) -> int:
     summary = run(args, model, decoder, log=lambda m: print(m, file=sys.stderr))
     summary["timings"]["load_s"] = loaded - started
     summary["timings"]["total_s"] = time.perf_counter() - started
-    write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    summary_path = os.path.join(args.out, "summary.json")
+    write_text_atomically(summary_path, json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -46,7 +46,7 @@ def jax_step(pair: common.LdmPair, dtype: str):
 def our_sides(batch: int) -> list[tuple[str, list]]:
     """(row label, devices) of our step: on one device and, when there are several local
     devices (``sharding.use_cpu_cores`` on CPU), with the songs split over as many of them as
-    divide the batch, as ``sampling.LatentSampler`` runs them over a mesh."""
+    divide the batch, as ``sampler.LatentSampler`` runs them over a mesh."""
     devices = jax.local_devices()
     sides = [("ours (jax)", devices[:1])]
     split = math.gcd(batch, len(devices))

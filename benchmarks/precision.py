@@ -53,7 +53,7 @@ import numpy as np
 
 from configs import ldm_common
 from input_pipeline import ldm_pipeline
-from phraseldm_jax import dit, ldm_task, optim, sampling, trainer
+from phraseldm_jax import dit, ldm, ldm_task, optim, trainer
 
 VARIANTS = (
     "fp32",
@@ -139,8 +139,8 @@ def make_eval_fn(ldm_cfg, timesteps=EVAL_TIMESTEPS):
     def mse_at(params, batch, noise, t):
         t = jnp.full((batch["latents"].shape[0],), t, jnp.int32)
         x_t = diffusion.add_noise(batch["latents"], noise, t)
-        cond = sampling.conditions_from_batch(batch)
-        eps = sampling.predict_noise(params, ldm_cfg, x_t, t, cond)
+        cond = ldm.conditions_from_batch(batch)
+        eps = ldm.predict_noise(params, ldm_cfg, x_t, t, cond)
         return jnp.mean(jnp.square(eps - noise))
 
     def evaluate(params, batch, noise):

@@ -139,11 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err))
 
-    from phraseldm_jax import ldm_task, sampling
+    from phraseldm_jax import ldm_task, vae_inference
 
     with open(os.path.join(args.workdir, "config.json")) as f:
         vae = json.load(f)["vae"]
-    decoder = sampling.VAEDecoder.from_workdir(vae["workdir"], vae.get("checkpoint", "best"))
+    decoder = vae_inference.PhraseVAEModel.from_workdir(
+        vae["workdir"], vae.get("checkpoint", "best")
+    )
     for name, run in runs.items():
         overrides = {
             "seed": args.seed,

@@ -6,7 +6,7 @@ over 1000 steps of the torch DiT, then ``generate`` on the 512 latents. The torc
 ``--torch_ddpm_steps`` steps and the 1000-step time is extrapolated from their mean (marked in
 the table). The reference's DDPM steps, both decoders and the DPM-Solver++ 10-step sampler take
 turns call by call (``common.time_interleaved``), and the whole-song speedup is also given
-round by round, every figure of a round timed in that round. Ours: ``sampling.LatentSampler`` (the whole loop is one compiled ``lax.scan``) with
+round by round, every figure of a round timed in that round. Ours: ``sampler.LatentSampler`` (the whole loop is one compiled ``lax.scan``) with
 DPM-Solver++(2M) and DDIM at a few tens of steps, then ``decoding.greedy_decode``. Both decoders
 get the same latents (our sampler's) so they do the same work. Weights are random (paper
 size); quality per sampler on a trained model comes from ``sampler_quality.json`` in the
@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from benchmarks import common, vae_decoding
-from phraseldm_jax import decoding, sampling
+from phraseldm_jax import decoding, sampler, songs, vae_inference
 from phraseldm_jax import ldm as ldm_lib
 
 FAST_SAMPLERS = (("dpmpp_2m", 10), ("dpmpp_2m", 20), ("ddim", 25), ("ddim", 50))
@@ -68,11 +68,11 @@ def our_sampler(pair, settings, cond, repeats: int, dtype: str) -> tuple[np.ndar
     sampler, the DiT computing in ``dtype``."""
     key = jax.random.PRNGKey(0)
     config = ldm_lib.with_compute_dtype(pair.config, dtype)
-    first = sampling.LatentSampler(config, settings)
+    first = sampler.LatentSampler(config, settings)
     latents = first(pair.params, key, cond)
     compile_s = first.compile_seconds
     jax.clear_caches()
-    again = sampling.LatentSampler(config, settings)  # compiled from the persistent cache
+    again = sampler.LatentSampler(config, settings)  # compiled from the persistent cache
     again(pair.params, key, cond)
     compile_cached_s = again.compile_seconds
 
@@ -116,8 +116,8 @@ def torch_ddpm_song(pair: common.LdmPair, n_bars: int) -> tuple[np.ndarray, floa
 def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
     """Fast samplers + our decoder against DDPM-1000 + ``generate`` on one trained pair.
 
-    Both sides go from latents to songs (``sampling.Song``: text, bars, MultiTrack). Ours is
-    ``sampling.decode_songs`` as ``sample.py`` runs it: rows split over the local devices,
+    Both sides go from latents to songs (``songs.Song``: text, bars, MultiTrack). Ours is
+    ``songs.decode_songs`` as ``sample.py`` runs it: rows split over the local devices,
     slots past the song's first ``[SEP]`` not decoded ("to the end"); the "every slot" column
     decodes all 512 slots as the original does (and as a forced length needs). The reference
     decodes every slot with ``generate``, as the original does."""
@@ -127,17 +127,21 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
     vae = common.trained_vae_pair(vae_workdir)
     length = ldm.config.dit.sample_size
     n_bars, max_length = length // 4, 128
-    cond = sampling.make_conditions(1, n_bars=n_bars)
-    decoder = sampling.VAEDecoder(
-        vae.params, vae.config, max_length=max_length, devices=jax.local_devices()
+    cond = ldm_lib.make_conditions(1, n_bars=n_bars)
+    decoder = vae_inference.PhraseVAEModel(
+        vae.config,
+        vae.params,
+        max_length=max_length,
+        decode_batch_size=vae_inference.SONG_DECODE_BATCH,
+        devices=jax.local_devices(),
     )
 
     def decode_ours(latents, past_the_end=False):
-        return sampling.decode_songs(decoder, latents[None], past_the_end=past_the_end)[0]
+        return songs.decode_songs(decoder, latents[None], past_the_end=past_the_end)[0]
 
     rows = []
     for (name, steps), dtype in itertools.product(FAST_SAMPLERS, DIT_DTYPES):
-        settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
+        settings = sampler.SamplerSettings(sampler=name, num_steps=steps)
         latents, row, _ = our_sampler(ldm, settings, cond, repeats, dtype)
         song = latents[0]
         decoded = decode_ours(song)  # compiles
@@ -150,7 +154,7 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
             repeats,
             warmup=0,
         )
-        end = int(sampling.song_ends(decoder.first_tokens(song)[None])[0])
+        end = int(songs.song_ends(decoder.first_tokens(song)[None])[0])
         tokens = decoding.greedy_decode(vae.params, vae.config, song[:end], max_length=max_length)
         row.update(
             decode_s=timings["to_end"][0].median,
@@ -168,7 +172,7 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
 
     def reference_decode():
         tokens = vae_decoding.torch_generate(vae.torch_model, torch_latents, max_length, False)
-        return tokens, sampling.song_from_slots(decoding.tokens_to_phrases(tokens))
+        return tokens, songs.song_from_slots(decoding.tokens_to_phrases(tokens))
 
     decode_timing, _ = common.time_calls(reference_decode, max(1, repeats - 1), warmup=1)
     tokens, reference_song = reference_decode()
@@ -178,7 +182,7 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
         "steps": 1000,
         "sample_s": torch_sample_s,
         "decode_s": decode_timing.median,
-        "song_end_slot": int(sampling.song_ends(tokens[None, :, 1])[0]),
+        "song_end_slot": int(songs.song_ends(tokens[None, :, 1])[0]),
         "bars": reference_song.n_bars,
         "mean_decoded_positions": float(vae_decoding.generated_lengths(tokens).mean()),
     }
@@ -232,19 +236,19 @@ def run(opts: common.Options) -> dict[str, Any]:
     vae = common.vae_pair(opts.quick)
     length = ldm.config.dit.sample_size
     n_bars, max_length = length // 4, (16 if opts.quick else 128)
-    cond = sampling.make_conditions(1, n_bars=n_bars)
+    cond = ldm_lib.make_conditions(1, n_bars=n_bars)
     repeats = min(opts.repeats, 3)
     rows, song_latents, samplers = [], None, {}
     sampler_list = QUICK_SAMPLERS if opts.quick else FAST_SAMPLERS
     headline = sampler_list[0]  # the fastest: the whole-song comparison in turns uses it
     for (name, steps), dtype in itertools.product(sampler_list, DIT_DTYPES):
-        settings = sampling.SamplerSettings(sampler=name, num_steps=steps)
+        settings = sampler.SamplerSettings(sampler=name, num_steps=steps)
         latents, row, samplers[name, steps, dtype] = our_sampler(
             ldm, settings, cond, repeats, dtype
         )
         song_latents = latents[0] if song_latents is None else song_latents
         rows.append({"side": "ours (jax)", "sampler": name, "steps": steps, **row})
-    # One CacheBuffers per decoder setting, kept across its calls as sample.py's VAEDecoder
+    # One CacheBuffers per decoder setting, kept across its calls as sample.py's PhraseVAEModel
     # keeps one (the cache grows into buffers the previous decode left).
     buffers = {dtype: decoding.CacheBuffers() for dtype in DIT_DTYPES}
 

@@ -101,7 +101,7 @@ def compare(name, pair, params, torch_model, latents, max_length, suppress, repe
     options = {"suppress_eos": True} if suppress and suppress_eos_supported() else {}
     torch_suppress = bool(suppress and options)
     variants = our_variants()
-    if buffers_supported():  # one pool per variant, kept across its calls as VAEDecoder does
+    if buffers_supported():  # one pool per variant, kept across its calls as PhraseVAEModel does
         buffers = {label: {"buffers": decoding.CacheBuffers()} for label in variants}
     else:
         buffers = {label: {} for label in variants}

@@ -56,10 +56,9 @@ import numpy as np
 from input_pipeline.latent_records import open_latent_source, read_stats
 from input_pipeline.span_infill import example_rng
 from phraseldm_jax import sections
+from phraseldm_jax.phrases import MAX_BARS, SLOTS_PER_BAR
 
 AUGMENTATIONS = ("none", "phrase_permute", "phrase_subset", "bar_permute")
-SLOTS_PER_BAR = 4
-MAX_BARS = sections.MAX_PLAN_BARS  # 128 bars = 512 latents
 MAX_SECTIONS = sections.MAX_SECTIONS
 
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from phraseldm_jax import sections
 from phraseldm_jax.dit import Dense
+from phraseldm_jax.phrases import MAX_BARS, length_bucket
 
-MAX_BARS = 128  # songs longer than this are excluded (SPEC section 3)
 NUM_LENGTH_BUCKETS = 128  # rows of the original's length embedding
 NUM_SECTION_TYPES = len(sections.SECTION_TYPES)  # 11: i o A B C D E X x b c
 MAX_SECTION_BARS = sections.MAX_SECTION_LENGTH  # section lengths 1..32
@@ -50,18 +50,13 @@ def check_n_bars(n_bars, bucket_size: int = 10, num_buckets: int = NUM_LENGTH_BU
     bad = values[(values < 1) | (values > MAX_BARS)]
     if bad.size:
         raise ValueError(f"n_bars must be in 1..{MAX_BARS}, got {sorted(set(bad.tolist()))}")
-    buckets = values // bucket_size
+    buckets = length_bucket(values, bucket_size)
     over = values[buckets >= num_buckets]
     if over.size:
         raise ValueError(
             f"n_bars {sorted(set(over.tolist()))} fall in length buckets >= {num_buckets} "
             f"(bucket size {bucket_size}): index out of range of the length embedding"
         )
-
-
-def length_bucket(n_bars: jax.Array, bucket_size: int = 10) -> jax.Array:
-    """Bucket index ``floor(n_bars / bucket_size)`` (59 -> 5, 60 -> 6, 69 -> 6, 70 -> 7)."""
-    return jnp.asarray(n_bars).astype(jnp.int32) // bucket_size
 
 
 class LengthEncoder(nn.Module):
@@ -82,7 +77,8 @@ class LengthEncoder(nn.Module):
         table = self.param(
             "embedding", torch_embedding_init, (self.num_buckets, self.features), jnp.float32
         )
-        return jnp.take(table, length_bucket(n_bars, self.bucket_size), axis=0)[:, None, :]
+        buckets = length_bucket(jnp.asarray(n_bars).astype(jnp.int32), self.bucket_size)
+        return jnp.take(table, buckets, axis=0)[:, None, :]
 
 
 def check_section_ids(

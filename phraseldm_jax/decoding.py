@@ -486,7 +486,7 @@ def greedy_decode(
         their number; batches under ``MIN_ROWS_PER_DEVICE`` rows per device and the first
         ``check_every`` steps run on the first of them); None: jax's default device. Same
         tokens either way.
-      buffers: a ``CacheBuffers`` kept between calls (as ``sampling.VAEDecoder`` does): the
+      buffers: a ``CacheBuffers`` kept between calls (as ``vae_inference.PhraseVAEModel`` does): the
         cache grows into buffers an earlier decode left instead of fresh ones (faster; the
         pool holds memory until cleared). None: buffers are reused only between the batches
         of this call. Same tokens either way.

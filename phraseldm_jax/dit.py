@@ -293,7 +293,7 @@ class GaussianFourierProjection(nn.Module):
 
     The frequencies are a parameter only so that they are checkpointed and converted; they
     never receive gradients (stop_gradient) and must be excluded from weight decay
-    (``ldm.trainable_mask``)."""
+    (``ldm.frozen_patterns``, the optimiser's freeze list)."""
 
     num_frequencies: int
 

@@ -1,8 +1,5 @@
-"""Builds the song-latent dataset PhraseLDM trains on, with a trained PhraseVAE.
-
-  python -m phraseldm_jax.latent_dataset --vae_workdir runs/vae_small_stage3 \\
-      --data_dir data_cache/pop909 --out data_cache/pop909_latents \\
-      [--slot_order pitch_order|fixed] [--checkpoint best|latest] [--overwrite]
+"""Builds the song-latent dataset PhraseLDM trains on, with a trained PhraseVAE (the command
+is ``python -m phraseldm_jax.cli.latents``).
 
 Every song of the ``songs`` dataset becomes its slot sequence (SPEC section 3): per bar the
 track phrases (``pitch_order``: remi-z order; ``fixed``: POP909's programs 13, 25, 0 in slots
@@ -20,9 +17,7 @@ latent dimensions of their standard deviation (unbiased) over every row of the t
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 
@@ -32,9 +27,9 @@ import tqdm
 
 from input_pipeline import latent_records, tfds_builders
 from phraseldm_jax import phrases
+from phraseldm_jax.phrases import MAX_BARS
 from phraseldm_jax.vae_inference import PhraseVAEModel
 
-MAX_BARS = 128
 SPECIAL_SLOTS = {
     "inst_latent": phrases.INST_TOKEN,
     "bar_latent": phrases.BAR_TOKEN,
@@ -43,7 +38,7 @@ SPECIAL_SLOTS = {
 
 
 def song_slots(song: Mapping, slot_order: str) -> list[str]:
-    """The ``4 * n_bars`` slot strings of a song record."""
+    """The ``SLOTS_PER_BAR * n_bars`` slot strings of a song record."""
     return phrases.slot_phrases(song, slot_order, fixed_programs=phrases.POP909_PROGRAMS)
 
 
@@ -193,36 +188,3 @@ def summary_lines(stats: Mapping) -> list[str]:
         f"slot order: {stats['slot_order']}; {stats['train_rows']} training rows; "
         f"{stats['built_seconds']} s",
     ]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m phraseldm_jax.latent_dataset", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--vae_workdir", required=True, help="PhraseVAE stage-3 training workdir")
-    parser.add_argument(
-        "--data_dir", required=True, help="datasets built by input_pipeline.prepare"
-    )
-    parser.add_argument("--out", required=True, help="the latent dataset folder to write")
-    parser.add_argument("--slot_order", default="pitch_order", choices=phrases.SLOT_ORDERS)
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    parser.add_argument("--max_bars", type=int, default=MAX_BARS)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    stats = build_latent_dataset(
-        args.vae_workdir,
-        args.data_dir,
-        args.out,
-        slot_order=args.slot_order,
-        checkpoint=args.checkpoint,
-        max_bars=args.max_bars,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {args.out}")
-    for line in summary_lines(stats):
-        print("  " + line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

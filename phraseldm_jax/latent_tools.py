@@ -8,39 +8,23 @@
 - ``interpolate_bars``: between two bars, each its 4 slot latents (3 track slots and the
   ``b-1`` slot), slot by slot: one decoded bar per step.
 
-Songs written as MIDI have one bar per step (``phrases_as_song`` for single phrases).
-
-Command line::
-
-  python -m phraseldm_jax.latent_tools prior --workdir W --n 16 --output prior.mid
-  python -m phraseldm_jax.latent_tools phrases --workdir W --a "i-0 o-0 ..." --b "..." \\
-      --steps 8 --method slerp --output phrases.mid
-  python -m phraseldm_jax.latent_tools bars --workdir W --midi song.mid --bar_a 0 --bar_b 8 \\
-      --steps 8 --output bars.mid
+Songs written as MIDI have one bar per step (``phrases_as_song`` for single phrases). The
+command is ``python -m phraseldm_jax.cli.latent_tools``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from phraseldm_jax import phrases
-from phraseldm_jax.vae_inference import (
-    DEFAULT_TEMPO,
-    PhraseVAEModel,
-    bars_as_song,
-    midi_slots,
-    notes_only,
-    write_midi,
-)
+from phraseldm_jax.phrases import SLOTS_PER_BAR
+from phraseldm_jax.songs import notes_only
+from phraseldm_jax.vae_inference import PhraseVAEModel
 
 METHODS = ("linear", "slerp")
-SLOTS_PER_BAR = phrases.DEFAULT_N_SLOTS + 1
 
 
 def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -113,7 +97,9 @@ def interpolate_bars(
         if len(bar) != SLOTS_PER_BAR:
             raise ValueError(f"{name} must hold {SLOTS_PER_BAR} slot strings, got {len(bar)}")
     mean, _ = model.encode([*bar_a, *bar_b])
-    paths = [interpolate(mean[k], mean[SLOTS_PER_BAR + k], steps, method) for k in range(4)]
+    paths = [
+        interpolate(mean[k], mean[SLOTS_PER_BAR + k], steps, method) for k in range(SLOTS_PER_BAR)
+    ]
     latents = np.stack(paths, axis=1).reshape(steps * SLOTS_PER_BAR, model.latent_dim)
     return model.decode(latents)
 
@@ -129,56 +115,8 @@ def phrases_as_song(texts: Sequence[str]) -> list[str]:
 
 
 def bar_slots(slots: Sequence[str], bar: int, where: str) -> list[str]:
-    """The 4 slot strings of bar ``bar`` of a song's slot list (4 per bar)."""
+    """The slot strings of bar ``bar`` of a song's slot list (``SLOTS_PER_BAR`` per bar)."""
     n_bars = len(slots) // SLOTS_PER_BAR
     if not 0 <= bar < n_bars:
         raise ValueError(f"{where}: bar {bar} is outside 0..{n_bars - 1}")
     return list(slots[SLOTS_PER_BAR * bar : SLOTS_PER_BAR * (bar + 1)])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m phraseldm_jax.latent_tools", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("command", choices=("prior", "phrases", "bars"))
-    parser.add_argument("--workdir", required=True, help="PhraseVAE (stage 3) training workdir")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    parser.add_argument("--output", required=True, help="MIDI file to write")
-    parser.add_argument("--n", type=int, default=16, help="prior: phrases to sample")
-    parser.add_argument("--temperature", type=float, default=1.0, help="prior: std of z")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--a", default="", help="phrases: the first phrase")
-    parser.add_argument("--b", default="", help="phrases: the last phrase")
-    parser.add_argument("--midi", default="", help="bars: the song holding both bars")
-    parser.add_argument("--bar_a", type=int, default=0)
-    parser.add_argument("--bar_b", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--method", default="slerp", choices=METHODS)
-    parser.add_argument("--tempo", type=float, default=DEFAULT_TEMPO)
-    args = parser.parse_args(argv)
-
-    model = PhraseVAEModel.from_workdir(args.workdir, args.checkpoint)
-    if args.command == "prior":
-        _, texts = sample_prior(model, args.n, jax.random.PRNGKey(args.seed), args.temperature)
-        slots = phrases_as_song(texts)
-    elif args.command == "phrases":
-        if not args.a or not args.b:
-            parser.error("phrases needs --a and --b")
-        texts = interpolate_phrases(model, args.a, args.b, args.steps, args.method)
-        slots = phrases_as_song(texts)
-    else:
-        if not args.midi:
-            parser.error("bars needs --midi")
-        song_slots, _ = midi_slots(args.midi, n_slots=phrases.DEFAULT_N_SLOTS)
-        bar_a = bar_slots(song_slots, args.bar_a, args.midi)
-        bar_b = bar_slots(song_slots, args.bar_b, args.midi)
-        decoded = interpolate_bars(model, bar_a, bar_b, args.steps, args.method)
-        slots = bars_as_song(decoded)
-        texts = [" | ".join(decoded[i : i + SLOTS_PER_BAR]) for i in range(0, len(decoded), 4)]
-    write_midi(args.output, phrases.slots_to_remiz(slots), args.tempo)
-    print(json.dumps({"output": args.output, "bars": texts}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,18 +10,29 @@ Reference quirks kept behind switches (SPEC section 9): ``cross_bias_mode="addit
 the original's +1 logit bias for real sections with unmasked pads (use it for converted
 weights), ``"mask"`` (default) masks pads. ``train_encoders=False`` freezes the length and
 section encoders as the original did (it never trained them).
+
+Conditions (``Conditions``) are the model's inputs besides the noisy latents. A *null*
+condition, used for classifier-free guidance, condition dropout and songs without a plan,
+replaces the length embedding and the section states by zeros, which is exactly what the
+unconditional model sees (the DiT's projections of both are bias-free). Training and sampling
+both call the model through ``predict_noise``.
+
+Freezing has one rule: ``frozen_patterns`` (the optimiser's ``optim.freeze`` regexes) plus a
+``stop_gradient`` on the states of frozen encoders here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from phraseldm_jax import diffusion, sections
 from phraseldm_jax.conditioning import (
     MAX_SECTIONS,
     NUM_LENGTH_BUCKETS,
@@ -32,8 +43,12 @@ from phraseldm_jax.dit import CROSS_BIAS_MODES, DiT, DiTConfig
 
 # Values of the original's PhraseLDM constructor (config.json defaults).
 REFERENCE_SCALE_FACTOR = 0.7590118646621704
-REFERENCE_CLIP_RANGE = 3.064450740814209
-NO_SECTION_CONTEXT_LEN = 7  # the original's dummy cross input length (skipped here, exact)
+REFERENCE_CLIP_RANGE = diffusion.REFERENCE_CLIP_RANGE
+
+# optim.freeze regexes (``frozen_patterns``): the fixed random Fourier frequencies, and the
+# encoders when ``train_encoders`` is False.
+TIME_PROJ_FREEZE = r"^dit/time_proj/"
+ENCODER_FREEZE = {"length_control": r"^length_encoder/", "sec_control": r"^sec_encoder/"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +84,66 @@ class PhraseLDMConfig:
             )
         if self.length_bucket_size < 1:
             raise ValueError(f"length_bucket_size must be >= 1, got {self.length_bucket_size}")
+        if self.diffusion_steps != diffusion.NUM_TRAIN_STEPS:
+            raise ValueError(
+                f"PhraseLDMConfig.diffusion_steps={self.diffusion_steps} differs from the "
+                f"diffusion schedule's {diffusion.NUM_TRAIN_STEPS} steps (diffusion.py)"
+            )
+
+
+def frozen_patterns(config: PhraseLDMConfig) -> list[str]:
+    """The ``optim.freeze`` regexes of ``config``: weights the optimiser must never change
+    (no update, no weight decay, not in the clip norm). Always the Fourier frequencies (a
+    constant of the reference); the encoders too when ``train_encoders`` is False."""
+    patterns = [TIME_PROJ_FREEZE]
+    if not config.train_encoders:
+        patterns += [p for flag, p in ENCODER_FREEZE.items() if getattr(config, flag)]
+    return patterns
+
+
+class Conditions(NamedTuple):
+    """Model conditions of a batch of songs (numpy or jax arrays; a pytree).
+
+    n_bars: [batch] int32 bar counts (length condition; ignored by other models).
+    type_ids, length_ids: [batch, 30] int32 section ids, 0 = pad (section condition).
+    has_plan: [batch] int32, 0 = no plan: the section condition is null for that song.
+    """
+
+    n_bars: Any
+    type_ids: Any
+    length_ids: Any
+    has_plan: Any
+
+    @property
+    def batch_size(self) -> int:
+        return int(np.shape(self.n_bars)[0])
+
+
+def make_conditions(
+    num_songs: int,
+    n_bars: int | None = None,
+    plan: str | sections.SectionPlan | None = None,
+    vocab: sections.SectionVocab = sections.DEFAULT_SECTION_VOCAB,
+) -> Conditions:
+    """The same conditions for ``num_songs`` songs; a plan sets the bar count when n_bars is
+    None. Bad plans raise ``SectionPlanError``."""
+    type_ids = np.zeros((num_songs, MAX_SECTIONS), np.int32)
+    length_ids = np.zeros((num_songs, MAX_SECTIONS), np.int32)
+    has_plan = np.zeros((num_songs,), np.int32)
+    if plan is not None:
+        plan = sections.parse_plan(plan) if isinstance(plan, str) else plan
+        types, lengths, _ = sections.plan_to_ids(plan, vocab)
+        type_ids[:], length_ids[:], has_plan[:] = types, lengths, 1
+        n_bars = plan.n_bars if n_bars is None else n_bars
+    bars = np.full((num_songs,), 64 if n_bars is None else n_bars, np.int32)
+    return Conditions(bars, type_ids, length_ids, has_plan)
+
+
+def conditions_from_batch(batch: Mapping) -> Conditions:
+    """``Conditions`` of an ``ldm_pipeline`` batch."""
+    return Conditions(
+        batch["n_bars"], batch["section_type_ids"], batch["section_length_ids"], batch["has_plan"]
+    )
 
 
 class PhraseLDM(nn.Module):
@@ -102,6 +177,9 @@ class PhraseLDM(nn.Module):
         n_bars: jax.Array | None = None,
         sections: tuple[jax.Array, jax.Array] | None = None,
         deterministic: bool = True,
+        *,
+        has_plan: jax.Array | None = None,
+        null: jax.Array | None = None,
     ) -> jax.Array:
         """Predicted noise for noisy latents.
 
@@ -112,6 +190,9 @@ class PhraseLDM(nn.Module):
           sections: (type_ids, length_ids), each [batch, <= max_sections] int, 0 = pad;
             required iff ``sec_control``.
           deterministic: False enables the section encoder's dropout (rng ``"dropout"``).
+          has_plan: [batch] int, 0 = a null section condition for that song (None: all 1).
+          null: [batch] bool, True = null length and section conditions (classifier-free
+            guidance's unconditional branch, condition dropout in training).
         Returns:
           [batch, length, 64] float32.
         """
@@ -129,17 +210,61 @@ class PhraseLDM(nn.Module):
             )
         if cfg.length_control:
             global_states = self._maybe_frozen(self.length_encoder(n_bars))
+            if null is not None:
+                global_states = jnp.where(null[:, None, None], 0.0, global_states)
         if cfg.sec_control:
             type_ids, length_ids = sections
             context, context_mask = self.sec_encoder(type_ids, length_ids, deterministic)
             context = self._maybe_frozen(context)
+            drop = None if has_plan is None else jnp.asarray(has_plan) == 0
+            if null is not None:
+                drop = null if drop is None else drop | null
+            if drop is not None:
+                # Zero states reach bias-free projections: the cross-attention adds exactly 0.
+                context = jnp.where(drop[:, None, None], 0.0, context)
+                context_mask = jnp.where(drop[:, None], 1.0, context_mask)
         return self.dit(x, t, global_states, context, context_mask)
 
-    def __call__(self, x, t, n_bars=None, sections=None, deterministic: bool = True):
-        return self.predict_noise(x, t, n_bars, sections, deterministic)
+    def __call__(
+        self, x, t, n_bars=None, sections=None, deterministic=True, *, has_plan=None, null=None
+    ):
+        return self.predict_noise(
+            x, t, n_bars, sections, deterministic, has_plan=has_plan, null=null
+        )
 
     def _maybe_frozen(self, states: jax.Array) -> jax.Array:
         return states if self.config.train_encoders else jax.lax.stop_gradient(states)
+
+
+def predict_noise(
+    params: Any,
+    config: PhraseLDMConfig,
+    x: jax.Array,
+    t: jax.Array,
+    cond: Conditions,
+    null: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """``PhraseLDM.predict_noise`` of ``cond`` (the conditions the model takes; songs with
+    ``has_plan == 0`` get a null section condition) and per-song ``null`` conditions: the one
+    model call of training and sampling. ``deterministic=False`` needs ``dropout_rng``."""
+    n_bars = cond.n_bars if config.length_control else None
+    section_ids = (cond.type_ids, cond.length_ids) if config.sec_control else None
+    has_plan = cond.has_plan if config.sec_control else None
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    return PhraseLDM(config).apply(
+        {"params": params},
+        x,
+        t,
+        n_bars,
+        section_ids,
+        deterministic,
+        has_plan=has_plan,
+        null=null,
+        rngs=rngs,
+    )
 
 
 def example_inputs(config: PhraseLDMConfig, batch: int = 1, length: int | None = None) -> dict:
@@ -167,25 +292,6 @@ def _path_names(path) -> list[str]:
     return [getattr(p, "key", str(p)) for p in path]
 
 
-def trainable_mask(params: Mapping, config: PhraseLDMConfig) -> Any:
-    """Pytree of bools like ``params``: False for weights that must never change.
-
-    False for the fixed Fourier frequencies (``dit/time_proj/weight``; a constant of the
-    reference, not trained there) and, when ``config.train_encoders`` is False, for the whole
-    length and section encoders. Use it to mask both the update and the weight decay, e.g.
-    ``optax.masked`` or ``optax.multi_transform``."""
-
-    def is_trainable(path, _leaf) -> bool:
-        names = _path_names(path)
-        if names[:2] == ["dit", "time_proj"]:
-            return False
-        if names[0] in ("length_encoder", "sec_encoder"):
-            return config.train_encoders
-        return True
-
-    return jax.tree_util.tree_map_with_path(is_trainable, dict(params))
-
-
 def with_compute_dtype(config: PhraseLDMConfig, compute_dtype: str | None) -> PhraseLDMConfig:
     """``config`` with the DiT's matmuls in ``compute_dtype`` (None: unchanged); the
     counterpart of ``decoding.with_compute_dtype``."""
@@ -198,9 +304,9 @@ def inference_params(params: Mapping, config: PhraseLDMConfig) -> dict:
     """``params`` with the DiT's matmul kernels stored in its compute dtype, for sampling.
 
     Every ``Dense`` casts its kernel to ``config.dit.dtype`` at each call; in a sampler that
-    repeats the same casts at every step (on CPU, bfloat16 at the paper's size: ~33 ms of a
-    ~310 ms batch-4 step). Casting once gives the same numbers (a cast of a cast is the same
-    cast). Everything else (biases, norms, embeddings, encoders) is unchanged; float32 configs
+    repeats the same casts at every step (a measurable share of a CPU step: docs/BENCHMARKS.md,
+    dit_step). Casting once gives the same numbers (a cast of a cast is the same cast).
+    Everything else (biases, norms, embeddings, encoders) is unchanged; float32 configs
     get ``params`` back as they are.
     """
     dtype = jnp.dtype(config.dit.dtype)

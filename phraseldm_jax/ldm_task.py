@@ -3,12 +3,12 @@
 - ``diffusion_loss``: t ~ U{0..999}, x_t = add_noise(x0, eps, t), MSE between the predicted
   and the true noise over all 512 positions (the reference), or over the song's own rows
   (``train.mask_padding``). ``train.cond_dropout`` > 0 replaces the conditions of that share of
-  songs by the null condition (``sampling.predict_noise``), so that classifier-free guidance
+  songs by the null condition (``ldm.predict_noise``), so that classifier-free guidance
   is possible at sampling time; 0 (the reference) never does.
 - The length and section encoders are trained (SPEC section 9.6); ``model.train_encoders =
-  False`` freezes them as the original did (``resolve_config`` then adds them to
-  ``optim.freeze``). The DiT's Fourier frequencies are always frozen (a constant of the
-  reference).
+  False`` freezes them as the original did. ``resolve_config`` puts ``ldm.frozen_patterns``
+  (the one freezing rule: the DiT's Fourier frequencies always, the encoders when frozen) into
+  ``optim.freeze``.
 - ``Evaluator``: the validation diffusion loss (fixed timesteps and noise per batch, so values
   compare across steps), then ``eval.num_songs`` songs generated with the configured sampler,
   decoded with the frozen PhraseVAE of ``vae.workdir``, and their metrics (FACTS section 2):
@@ -16,20 +16,17 @@
   real songs, SRS, melody memorisation against the training melodies, length accuracy at the
   target bar count, and a bar self-similarity image of the first song.
 
-A trained checkpoint can be scored with any sampler from the command line::
-
-  python -m phraseldm_jax.ldm_task --workdir /work/runs/ldm_small --sampler ddpm --steps 1000 \\
-      --num_songs 20 [--songs_dir /work/data_cache/pop909] [--out metrics.json]
+``evaluate_checkpoint`` scores a trained checkpoint with any sampler (the command is
+``python -m phraseldm_jax.cli.evaluate``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,13 +35,13 @@ import ml_collections
 import numpy as np
 
 from input_pipeline import latent_records, ldm_pipeline
-from phraseldm_jax import diffusion, ldm, sampling, sharding, trainer
+from phraseldm_jax import diffusion, ldm, phrases, pretrained, sampler, sharding, trainer
+from phraseldm_jax import songs as song_lib
 from phraseldm_jax.metrics import ldm as ldm_metrics
+from phraseldm_jax.phrases import SLOTS_PER_BAR
+from phraseldm_jax.vae_inference import SONG_DECODE_BATCH, PhraseVAEModel
 
 logger = logging.getLogger(__name__)
-
-TIME_PROJ_FREEZE = r"^dit/time_proj/"  # fixed random Fourier frequencies
-ENCODER_FREEZE = {"length_control": r"^length_encoder/", "sec_control": r"^sec_encoder/"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -70,8 +67,8 @@ def resolve_config(config: ml_collections.ConfigDict, stats: Mapping | None = No
     """Fills what the config leaves to the data, in place, before training.
 
     ``model.scale_factor`` and ``model.clip_range`` (raw units) <= 0 are read from the latent
-    dataset's ``stats.json`` (``scale_factor``, ``abs_p999``); ``optim.freeze`` gets the
-    Fourier frequencies and, when ``model.train_encoders`` is False, the encoders.
+    dataset's ``stats.json`` (``scale_factor``, ``abs_p999``); ``optim.freeze`` gets
+    ``ldm.frozen_patterns`` of the model config.
     """
     if stats is None and (config.model.scale_factor <= 0 or config.model.clip_range <= 0):
         stats = latent_records.read_stats(config.data.latent_dir)
@@ -80,9 +77,7 @@ def resolve_config(config: ml_collections.ConfigDict, stats: Mapping | None = No
     if config.model.clip_range <= 0:
         config.model.clip_range = float(stats["abs_p999"])
     freeze = list(config.optim.freeze)
-    wanted = [TIME_PROJ_FREEZE]
-    if not config.model.train_encoders:
-        wanted += [p for flag, p in ENCODER_FREEZE.items() if config.model[flag]]
+    wanted = ldm.frozen_patterns(ldm_config(config))
     config.optim.freeze = freeze + [p for p in wanted if p not in freeze]
 
 
@@ -114,18 +109,18 @@ def diffusion_loss(
     null = None
     if train and cond_dropout > 0:
         null = jax.random.bernoulli(drop_key, cond_dropout, (batch_size,))
-    eps = sampling.predict_noise(
+    eps = ldm.predict_noise(
         params,
         config,
         x_t,
         t,
-        sampling.conditions_from_batch(batch),
+        ldm.conditions_from_batch(batch),
         null,
         deterministic=not train,
         dropout_rng=dropout_key,
     )
     sq = jnp.mean(jnp.square(eps - noise), axis=-1)  # [batch, length]
-    song = jnp.arange(length)[None, :] < ldm_pipeline.SLOTS_PER_BAR * batch["n_bars"][:, None]
+    song = jnp.arange(length)[None, :] < SLOTS_PER_BAR * batch["n_bars"][:, None]
     n_song = jnp.sum(song, axis=-1)
     per_song = {
         "mse": jnp.mean(sq, axis=-1),
@@ -143,8 +138,8 @@ def diffusion_loss(
 # Evaluation.
 
 
-def sampler_settings(eval_config) -> sampling.SamplerSettings:
-    return sampling.SamplerSettings(
+def sampler_settings(eval_config) -> sampler.SamplerSettings:
+    return sampler.SamplerSettings(
         sampler=eval_config.sampler,
         num_steps=int(eval_config.num_steps),
         guidance_scale=float(eval_config.guidance_scale),
@@ -155,12 +150,12 @@ def sampler_settings(eval_config) -> sampling.SamplerSettings:
     )
 
 
-def eval_conditions(config, ldm_cfg: ldm.PhraseLDMConfig) -> sampling.Conditions:
+def eval_conditions(config, ldm_cfg: ldm.PhraseLDMConfig) -> ldm.Conditions:
     """The conditions every evaluation generates with (target bars, section plan)."""
     ec = config.eval
     plan = ec.section_plan if ldm_cfg.sec_control else None
     n_bars = int(ec.target_bars) if ldm_cfg.length_control or plan is None else None
-    cond = sampling.make_conditions(int(ec.num_songs), n_bars, plan)
+    cond = ldm.make_conditions(int(ec.num_songs), n_bars, plan)
     if plan is not None and ldm_cfg.length_control and int(cond.n_bars[0]) != ec.target_bars:
         raise ValueError(
             f"eval.section_plan {plan!r} covers {int(cond.n_bars[0])} bars but "
@@ -182,8 +177,8 @@ def reference_songs(data_dir: str, split: str, num_songs: int, seed: int = 42) -
 def melody_reference(songs_dir: str, split: str = "train") -> ldm_metrics.MelodyReference:
     """Melody strings (program 13, ``i-13 o- p- d- ... b-1`` per bar) of every song of the
     prepared ``songs`` dataset: what generated melodies are compared against."""
+    # Imported here: tensorflow_datasets is heavy and only evaluation with songs_dir needs it.
     from input_pipeline import tfds_builders
-    from phraseldm_jax import phrases
 
     source = tfds_builders.open_source(songs_dir, "songs", split)
     melodies = {}
@@ -206,7 +201,7 @@ def ssm_image(z: np.ndarray, pixels_per_bar: int = 4) -> np.ndarray:
 
 
 def song_metrics(
-    songs: list[sampling.Song],
+    songs: list[song_lib.Song],
     latents: np.ndarray,
     real: list[np.ndarray],
     *,
@@ -250,7 +245,7 @@ class Evaluator:
     """``evaluate(params, step)`` of the LDM task (see the module docstring).
 
     decoder: the PhraseVAE decoder (anything with ``decode(latents) -> list[str]``); None loads
-    ``VAEDecoder.from_workdir(config.vae.workdir)`` at the first evaluation.
+    ``PhraseVAEModel.from_workdir(config.vae.workdir)`` at the first evaluation.
     """
 
     def __init__(self, config, ldm_cfg: ldm.PhraseLDMConfig, decoder=None):
@@ -283,7 +278,7 @@ class Evaluator:
             dc.latent_dir,
             dc.eval_split,
             reference_padding=dc.reference_padding,
-            max_bars=self.ldm_cfg.dit.sample_size // ldm_pipeline.SLOTS_PER_BAR,
+            max_bars=self.ldm_cfg.dit.sample_size // SLOTS_PER_BAR,
             batch_size=ec.batch_size,
             seed=0,
             train=False,
@@ -299,10 +294,11 @@ class Evaluator:
     @property
     def decoder(self):
         if self._decoder is None:
-            self._decoder = sampling.VAEDecoder.from_workdir(
+            self._decoder = PhraseVAEModel.from_workdir(
                 self.config.vae.workdir,
                 self.config.vae.checkpoint,
                 max_length=self.eval_config.max_decode_length,
+                decode_batch_size=SONG_DECODE_BATCH,
             )
         return self._decoder
 
@@ -326,14 +322,14 @@ class Evaluator:
         ec = self.eval_config
         key = jax.random.PRNGKey(ec.seed)
         start = time.perf_counter()
-        sampler = sampling.cached_sampler(self.ldm_cfg, self.settings, self.mesh)
-        latents = sampler(params, key, self.cond)
+        latent_sampler = sampler.cached_sampler(self.ldm_cfg, self.settings, self.mesh)
+        latents = latent_sampler(params, key, self.cond)
         sampled = time.perf_counter()
-        compile_seconds = sampler.compile_seconds
-        songs = sampling.decode_songs(self.decoder, latents)
+        compile_seconds = latent_sampler.compile_seconds
+        generated = song_lib.decode_songs(self.decoder, latents)
         decoded = time.perf_counter()
         out = song_metrics(
-            songs,
+            generated,
             latents,
             self.real,
             target_bars=int(ec.target_bars),
@@ -344,7 +340,7 @@ class Evaluator:
         out["compile_seconds"] = compile_seconds  # 0 after the first evaluation
         out["sample_seconds"] = sampled - start - compile_seconds
         out["decode_seconds"] = decoded - sampled
-        logger.info("step %d: generated bars %s", step, [s.n_bars for s in songs])
+        logger.info("step %d: generated bars %s", step, [s.n_bars for s in generated])
         return out
 
     def __call__(self, params, step: int) -> dict[str, Any]:
@@ -406,12 +402,10 @@ def evaluate_checkpoint(
     """Runs the ``Evaluator`` of a training workdir's config (``eval.*`` replaced by
     ``eval_overrides``) on one of its checkpoints; returns the scalar metrics with timings.
     ``compute_dtype``: sample with the DiT's matmuls in this dtype (None: the config's)."""
-    import os
-
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config.eval.update({k: v for k, v in eval_overrides.items() if v is not None})
-    model = sampling.load_ldm(workdir, which)
+    model = pretrained.load_ldm(workdir, which)
     ldm_cfg = ldm.with_compute_dtype(model.config, compute_dtype)
     started = time.perf_counter()
     metrics = Evaluator(config, ldm_cfg, decoder)(model.params, step=-1)
@@ -424,34 +418,3 @@ def evaluate_checkpoint(
         "compute_dtype": ldm_cfg.dit.dtype,
         **scalars,
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m phraseldm_jax.ldm_task", description=__doc__)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--which", default="best", choices=("best", "latest"))
-    p.add_argument("--sampler", choices=diffusion.SAMPLERS)
-    p.add_argument("--steps", type=int, dest="num_steps")
-    p.add_argument("--num_songs", type=int)
-    p.add_argument("--guidance", type=float, dest="guidance_scale")
-    p.add_argument("--clip", choices=sampling.CLIP_MODES)
-    p.add_argument("--target_bars", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--songs_dir", help="prepared songs dataset (melody memorisation)")
-    p.add_argument("--fid_split")
-    p.add_argument("--loss_batches", type=int, help="validation-loss batches (0 = skip)")
-    p.add_argument("--out", help="also write the metrics to this JSON file")
-    args = vars(p.parse_args(argv))
-    workdir, which, out = args.pop("workdir"), args.pop("which"), args.pop("out")
-    result = evaluate_checkpoint(workdir, which, **args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        from phraseldm_jax.metric_writer import write_text_atomic
-
-        write_text_atomic(out, text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

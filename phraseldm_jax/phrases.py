@@ -30,9 +30,24 @@ SKIPPED_TOKENS = frozenset({"[BOS]", "[EOS]", "[PAD]"})
 SLOT_ORDERS = ("pitch_order", "fixed")
 POP909_PROGRAMS = (13, 25, 0)  # melody, bridge, piano: the "fixslot" model's slot order
 DEFAULT_N_SLOTS = 3
+SLOTS_PER_BAR = DEFAULT_N_SLOTS + 1  # the LDM's song layout: three track slots, the bar slot
+MAX_BARS = 128  # longest song (SPEC section 3): 512 latents; longer songs are excluded
+LENGTH_BUCKET_SIZE = 10  # bars per bucket of the length condition (the original's)
 
 # One bar as (program, phrase) pairs, in remi-z order.
 BarPhrases = list[tuple[int, str]]
+
+
+def length_bucket(n_bars, bucket_size: int = LENGTH_BUCKET_SIZE):
+    """Length-condition bucket ``n_bars // bucket_size`` (59 -> 5, 60 -> 6, 69 -> 6, 70 -> 7)
+    of an int or an int array (numpy or jax)."""
+    return n_bars // bucket_size
+
+
+def length_bucket_range(n_bars: int, bucket_size: int = LENGTH_BUCKET_SIZE) -> tuple[int, int]:
+    """[low, high) bars of the length bucket of ``n_bars``: 64 -> (60, 70)."""
+    low = int(length_bucket(int(n_bars), bucket_size)) * bucket_size
+    return low, low + bucket_size
 
 
 def track_phrase(track: Track) -> str:

@@ -22,11 +22,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from phraseldm_jax.phrases import MAX_BARS
+
 SECTION_TYPES: tuple[str, ...] = tuple(sorted("ioABCDEXxbc"))  # A B C D E X b c i o x
 MIN_SECTION_LENGTH = 1
 MAX_SECTION_LENGTH = 32
 MAX_SECTIONS = 30
-MAX_PLAN_BARS = 128
+MAX_PLAN_BARS = MAX_BARS  # a plan covers at most a whole song
 PAD_ID = 0
 
 _COMPACT_ITEM = re.compile(r"([A-Za-z])(\d+)")

@@ -152,7 +152,7 @@ def use_cpu_cores(count: int | None = None) -> int | None:
 
     XLA:CPU runs each program's batched matrix-vector products (the attention over a decode
     cache, the DiT's attention) on one thread; with one device per core, work split over a mesh
-    (``sampling.LatentSampler``, ``decoding.greedy_decode(devices=...)``) runs one program per
+    (``sampler.LatentSampler``, ``decoding.greedy_decode(devices=...)``) runs one program per
     core at once. Entry points call this before any jax computation; it does nothing when
     ``XLA_FLAGS`` already sets the host device count (tests set 8), when ``count`` is 1, or when
     jax's backends are already initialised (an in-process caller keeps its devices). Devices of

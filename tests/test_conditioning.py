@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phraseldm_jax import conditioning
+from phraseldm_jax import conditioning, phrases
 
 
 def test_length_bucket_edges():
-    buckets = conditioning.length_bucket(jnp.array([1, 9, 10, 59, 60, 64, 69, 70, 128]))
+    buckets = phrases.length_bucket(jnp.array([1, 9, 10, 59, 60, 64, 69, 70, 128]))
     np.testing.assert_array_equal(buckets, [0, 0, 1, 5, 6, 6, 6, 7, 12])
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 import sample
-from phraseldm_jax import checkpointing, ldm, sampling, sections, vae, vae_inference
+from phraseldm_jax import checkpointing, ldm, pretrained, sections, vae, vae_inference
 from phraseldm_jax.convert import __main__ as cli
 from phraseldm_jax.convert import api, ldm_weights, safetensors_io
 from phraseldm_jax.dit import DiTConfig
@@ -180,7 +180,7 @@ def test_cli_ldm_round_trip_keeps_the_section_order(tmp_path, capsys):
 def test_sampling_loads_original_folders_in_their_section_order(tmp_path):
     model = _ldm(sec_control=True, vocab=SEED0_VOCAB)
     api.export_phrase_ldm(model, tmp_path)
-    loaded = sampling.load_ldm(str(tmp_path))
+    loaded = pretrained.load_ldm(str(tmp_path))
     assert (loaded.format, loaded.default_clip) == ("original", "reference")
     np.testing.assert_array_equal(
         loaded.params["sec_encoder"]["type_embed"], model.params["sec_encoder"]["type_embed"]

@@ -413,7 +413,7 @@ def test_phrase_vae_model_decodes_in_the_asked_dtype():
 
     latents = _latents(6, seed=5)
     model = vae_inference.PhraseVAEModel(
-        VAE, _lively_params(), max_length=16, decode_batch_size=8, decode_compute_dtype="bfloat16"
+        VAE, _lively_params(), max_length=16, decode_batch_size=8, compute_dtype="bfloat16"
     )
     expected = decoding.greedy_decode(
         _lively_params(), VAE, latents, max_length=16, batch_size=8, compute_dtype="bfloat16"

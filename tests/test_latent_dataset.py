@@ -8,6 +8,7 @@ import vae_fixtures as fx
 
 from input_pipeline import latent_records, synthetic, tfds_builders
 from phraseldm_jax import latent_dataset, phrases, sharding, vae_inference
+from phraseldm_jax.cli import latents as latents_cli
 
 ATOL = 2e-5  # the same phrase encoded in batches of other shapes
 
@@ -26,9 +27,7 @@ def data_dir(tmp_path_factory):
 def built(workdir, data_dir, tmp_path_factory):
     """The dataset written by the command line, and what it printed."""
     out = str(tmp_path_factory.mktemp("latents") / "pop")
-    return out, latent_dataset.main(
-        ["--vae_workdir", workdir, "--data_dir", data_dir, "--out", out]
-    )
+    return out, latents_cli.main(["--vae_workdir", workdir, "--data_dir", data_dir, "--out", out])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +89,7 @@ def test_the_command_line_refuses_to_overwrite(built, workdir, data_dir):
     out, code = built
     assert code == 0
     with pytest.raises(FileExistsError, match="--overwrite"):
-        latent_dataset.main(["--vae_workdir", workdir, "--data_dir", data_dir, "--out", out])
+        latents_cli.main(["--vae_workdir", workdir, "--data_dir", data_dir, "--out", out])
 
 
 def test_long_songs_are_excluded_and_fixed_slots_hold_their_program(model, tmp_path):

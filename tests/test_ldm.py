@@ -1,4 +1,4 @@
-"""PhraseLDM's conditioning API, trainable mask, and the checkpoint converter (round trips,
+"""PhraseLDM's conditioning API, freezing rule, and the checkpoint converter (round trips,
 mismatch reports, config.json) without torch."""
 
 import dataclasses
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phraseldm_jax import ldm
+from phraseldm_jax import ldm, optim
 from phraseldm_jax.convert import ldm_weights
 from phraseldm_jax.convert.errors import CheckpointMismatchError
 from phraseldm_jax.dit import DiTConfig
@@ -58,6 +58,11 @@ def test_config_accepts_a_mapping_and_validates():
         ldm.PhraseLDMConfig(dit=3)
     with pytest.raises(ValueError, match="cross_bias_mode"):
         _config(cross_bias_mode="add")
+
+
+def test_diffusion_steps_must_match_the_schedule():
+    with pytest.raises(ValueError, match="diffusion_steps=500 differs"):
+        _config(diffusion_steps=500)
 
 
 def test_three_variants_predict_noise_and_check_their_conditions():
@@ -126,17 +131,22 @@ def test_inference_params_cast_dit_kernels_once_with_the_same_output():
     assert ldm.inference_params(_params(f32), f32) == dict(_params(f32))
 
 
-def test_trainable_mask_and_frozen_encoders():
+def _frozen_labels(params, config):
+    """The optimiser's label of every weight under ``ldm.frozen_patterns(config)``."""
+    return optim.freeze_labels(ldm.frozen_patterns(config))(params)
+
+
+def test_frozen_patterns_and_frozen_encoders():
     config = _config(train_encoders=False)
     params = _params(_config())
-    mask = ldm.trainable_mask(params, config)
-    assert mask["dit"]["time_proj"]["weight"] is False
-    assert mask["dit"]["proj_in"]["kernel"] is True
-    assert mask["length_encoder"]["embedding"] is False
-    assert all(not m for m in jax.tree_util.tree_leaves(mask["sec_encoder"]))
-    trained = ldm.trainable_mask(params, _config())
-    assert trained["length_encoder"]["embedding"] is True
-    assert trained["dit"]["time_proj"]["weight"] is False
+    mask = _frozen_labels(params, config)
+    assert mask["dit"]["time_proj"]["weight"] == "frozen"
+    assert mask["dit"]["proj_in"]["kernel"] == "trainable"
+    assert mask["length_encoder"]["embedding"] == "frozen"
+    assert all(m == "frozen" for m in jax.tree_util.tree_leaves(mask["sec_encoder"]))
+    trained = _frozen_labels(params, _config())
+    assert trained["length_encoder"]["embedding"] == "trainable"
+    assert trained["dit"]["time_proj"]["weight"] == "frozen"
 
     def loss(p, cfg):
         out = ldm.PhraseLDM(cfg).apply(

@@ -13,7 +13,8 @@ import optax
 import pytest
 
 from input_pipeline import ldm_pipeline, records, synthetic, tfds_builders
-from phraseldm_jax import ldm, ldm_task, optim, sampling
+from phraseldm_jax import ldm, ldm_task, optim
+from phraseldm_jax import songs as song_lib
 from phraseldm_jax.metrics import ldm as ldm_metrics
 
 
@@ -47,7 +48,7 @@ def test_resolve_config_and_freezing(dataset):
     _, _, data_dir = dataset
     config = _config(data_dir)
     assert (config.model.scale_factor, config.model.clip_range) == (0.76, 3.0)
-    assert config.optim.freeze == [ldm_task.TIME_PROJ_FREEZE]
+    assert config.optim.freeze == [ldm.TIME_PROJ_FREEZE]
     frozen = ldm_fixtures.tiny_config(data_dir, True, True, num_steps=1)
     frozen.model.train_encoders = False
     ldm_task.resolve_config(frozen)
@@ -72,7 +73,7 @@ def test_resolve_config_and_freezing(dataset):
 
 
 def _conditions(n_bars, plan="i-2 A-4 B-4", has_plan=1, n=2):
-    cond = sampling.make_conditions(n, n_bars, plan)
+    cond = ldm.make_conditions(n, n_bars, plan)
     return cond._replace(has_plan=np.full((n,), has_plan, np.int32))
 
 
@@ -83,7 +84,7 @@ def test_predict_noise_matches_the_module_and_null_is_unconditional(dataset, sec
     params = _params(data_dir, True, sections)
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 64))
     t = jnp.array([10, 900])
-    predict = jax.jit(lambda c, null=None: sampling.predict_noise(params, cfg, x, t, c, null))
+    predict = jax.jit(lambda c, null=None: ldm.predict_noise(params, cfg, x, t, c, null))
     cond = _conditions(10)
     ours = predict(cond)
     module_sections = (cond.type_ids, cond.length_ids) if sections else None
@@ -182,7 +183,7 @@ def test_song_metrics_of_real_songs(dataset, tmp_path):
     padded = np.stack(
         [np.concatenate([z, np.tile(codebook.latent("[SEP]"), (512 - len(z), 1))]) for z in real]
     )
-    songs = sampling.decode_songs(codebook, padded)
+    songs = song_lib.decode_songs(codebook, padded)
     assert [s.n_bars for s in songs] == [r["n_bars"] for r in train_songs]
 
     out = ldm_task.song_metrics(

@@ -35,7 +35,7 @@ from phraseldm_jax import (
     ldm_task,
     metric_writer,
     optim,
-    sampling,
+    sampler,
     sharding,
     trainer,
 )
@@ -219,8 +219,8 @@ def fixed_noise_task(config) -> trainer.Task:
     def loss_fn(params, frozen, batch, rng, train):
         del frozen, rng, train
         x_t = diffusion.add_noise(batch["latents"], batch["noise"], batch["t"])
-        cond = sampling.conditions_from_batch(batch)
-        eps = sampling.predict_noise(params, ldm_cfg, x_t, batch["t"], cond)
+        cond = ldm.conditions_from_batch(batch)
+        eps = ldm.predict_noise(params, ldm_cfg, x_t, batch["t"], cond)
         mse = jnp.mean(jnp.square(eps - batch["noise"]))
         return mse, {"mse": mse}
 
@@ -252,11 +252,11 @@ def test_grad_accumulation_equals_the_full_batch(latent_dir):
 def test_sampling_split_over_a_2x4_mesh_matches_one_device(latent_dir, straight):
     config = _resolved(config_on(latent_dir, 2, 4))
     ldm_cfg = ldm_task.ldm_config(config)
-    settings = sampling.SamplerSettings(sampler="ddim", num_steps=4)
-    cond = sampling.make_conditions(8, plan="A-4 B-4 A-8")
+    settings = sampler.SamplerSettings(sampler="ddim", num_steps=4)
+    cond = ldm.make_conditions(8, plan="A-4 B-4 A-8")
     key = jax.random.PRNGKey(1)
     songs = [
-        sampling.LatentSampler(ldm_cfg, settings, mesh)(straight[1], key, cond)
+        sampler.LatentSampler(ldm_cfg, settings, mesh)(straight[1], key, cond)
         for mesh in (mh.mesh(2, 4), mh.mesh(1, 1))
     ]
     assert songs[0].shape == (8, 64, 64)

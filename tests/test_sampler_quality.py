@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import sampler_quality
-from phraseldm_jax import ldm_task, sampling
+from phraseldm_jax import ldm_task, vae_inference
 
 
 def test_parse_run():
@@ -66,7 +66,9 @@ def test_runs_call_the_evaluator_and_merge_into_out(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(ldm_task, "evaluate_checkpoint", fake_evaluate)
     monkeypatch.setattr(
-        sampling.VAEDecoder, "from_workdir", lambda path, which: FakeDecoder(f"decoder:{path}")
+        vae_inference.PhraseVAEModel,
+        "from_workdir",
+        lambda path, which: FakeDecoder(f"decoder:{path}"),
     )
     out = tmp_path / "results.json"
     out.write_text(json.dumps({"runs": {"ddpm:1000": {"phrase_fid": 99.0, "eval": {"seed": 0}}}}))

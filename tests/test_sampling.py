@@ -11,7 +11,9 @@ import mido
 import numpy as np
 import pytest
 
-from phraseldm_jax import ldm, ldm_task, sampling, sharding
+from phraseldm_jax import ldm, ldm_task, pretrained, sharding, vae_inference
+from phraseldm_jax import sampler as sampler_lib
+from phraseldm_jax import songs as song_lib
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.vocab import SEP_ID
 
@@ -34,10 +36,10 @@ def _mesh(n_devices):
 @pytest.mark.parametrize("guidance", [1.0, 2.5])
 def test_seeded_and_sharded_sampling_agree(guidance):
     _, cfg, params = _model()
-    settings = sampling.SamplerSettings(sampler="ddpm", num_steps=8, guidance_scale=guidance)
-    cond = sampling.make_conditions(8, 24)
-    sharded = sampling.LatentSampler(cfg, settings, _mesh(8))
-    single = sampling.LatentSampler(cfg, settings, _mesh(1))
+    settings = sampler_lib.SamplerSettings(sampler="ddpm", num_steps=8, guidance_scale=guidance)
+    cond = ldm.make_conditions(8, 24)
+    sharded = sampler_lib.LatentSampler(cfg, settings, _mesh(8))
+    single = sampler_lib.LatentSampler(cfg, settings, _mesh(1))
     key = jax.random.PRNGKey(5)
     a, b = sharded(params, key, cond), sharded(params, key, cond)
     assert a.shape == (8, LENGTH, 64) and np.isfinite(a).all()
@@ -49,44 +51,46 @@ def test_seeded_and_sharded_sampling_agree(guidance):
     other = sharded(params, jax.random.PRNGKey(6), cond)
     assert not np.allclose(other, a)
     # Fewer songs than devices: padded with copies, cut back; the first song is unchanged.
-    few = sharded(params, key, sampling.make_conditions(3, 24))
+    few = sharded(params, key, ldm.make_conditions(3, 24))
     assert few.shape == (3, LENGTH, 64)
 
 
 def test_guidance_zero_is_the_unconditional_model():
     _, cfg, params = _model()
-    settings = sampling.SamplerSettings(sampler="ddim", num_steps=4, guidance_scale=0.0)
-    sampler = sampling.LatentSampler(cfg, settings)
+    settings = sampler_lib.SamplerSettings(sampler="ddim", num_steps=4, guidance_scale=0.0)
+    sampler = sampler_lib.LatentSampler(cfg, settings)
     key = jax.random.PRNGKey(0)
     short, long = (
-        sampler(params, key, sampling.make_conditions(2, 5)),
-        sampler(params, key, sampling.make_conditions(2, 120)),
+        sampler(params, key, ldm.make_conditions(2, 5)),
+        sampler(params, key, ldm.make_conditions(2, 120)),
     )
     np.testing.assert_allclose(short, long, atol=1e-6)
-    conditional = sampling.LatentSampler(cfg, sampling.SamplerSettings("ddim", 4))
-    assert not np.allclose(conditional(params, key, sampling.make_conditions(2, 5)), short)
+    conditional = sampler_lib.LatentSampler(cfg, sampler_lib.SamplerSettings("ddim", 4))
+    assert not np.allclose(conditional(params, key, ldm.make_conditions(2, 5)), short)
     _, uncond_cfg, _ = _model(length=False)
     with pytest.raises(ValueError, match="conditional model"):
-        sampling.LatentSampler(uncond_cfg, settings)
+        sampler_lib.LatentSampler(uncond_cfg, settings)
 
 
 def test_clip_modes():
     _, cfg, params = _model(clip_range=0.5)
-    assert sampling.model_space_clip(cfg, "scaled") == pytest.approx(0.5 / 0.76)
-    assert sampling.model_space_clip(cfg, "reference") == 0.5
-    assert sampling.model_space_clip(cfg, "none") is None
-    key, cond = jax.random.PRNGKey(1), sampling.make_conditions(2, 8)
+    assert sampler_lib.model_space_clip(cfg, "scaled") == pytest.approx(0.5 / 0.76)
+    assert sampler_lib.model_space_clip(cfg, "reference") == 0.5
+    assert sampler_lib.model_space_clip(cfg, "none") is None
+    key, cond = jax.random.PRNGKey(1), ldm.make_conditions(2, 8)
     peak = {}
-    for clip in sampling.CLIP_MODES:  # DDIM's last step returns the clipped x0 prediction
-        settings = sampling.SamplerSettings(sampler="ddim", num_steps=4, clip=clip)
-        peak[clip] = float(np.abs(sampling.LatentSampler(cfg, settings)(params, key, cond)).max())
+    for clip in sampler_lib.CLIP_MODES:  # DDIM's last step returns the clipped x0 prediction
+        settings = sampler_lib.SamplerSettings(sampler="ddim", num_steps=4, clip=clip)
+        peak[clip] = float(
+            np.abs(sampler_lib.LatentSampler(cfg, settings)(params, key, cond)).max()
+        )
     assert peak["scaled"] == pytest.approx(0.5, rel=1e-5)  # raw units, as stored
     assert peak["reference"] == pytest.approx(0.5 * 0.76, rel=1e-5)  # raw value in scaled space
     assert peak["none"] > 0.5
     with pytest.raises(ValueError, match="clip mode"):
-        sampling.SamplerSettings(clip="raw")
+        sampler_lib.SamplerSettings(clip="raw")
     with pytest.raises(ValueError, match="num_steps"):
-        sampling.SamplerSettings(num_steps=0)
+        sampler_lib.SamplerSettings(num_steps=0)
 
 
 def test_decoding_stops_at_each_songs_end_with_the_same_songs(monkeypatch):
@@ -100,7 +104,9 @@ def test_decoding_stops_at_each_songs_end_with_the_same_songs(monkeypatch):
     embedding = params["t5"]["shared"]["embedding"]
     params = {**params, "t5": {**params["t5"], "shared": {"embedding": embedding}}}
     params["t5"]["shared"]["embedding"] = embedding.at[SEP_ID].set(embedding[266] * 1.05)
-    decoder = sampling.VAEDecoder(params, tiny.VAE, max_length=32)
+    decoder = vae_inference.PhraseVAEModel(
+        tiny.VAE, params, max_length=32, decode_batch_size=vae_inference.SONG_DECODE_BATCH
+    )
     pool = tiny._latents(200, seed=1)
     first = decoder.first_tokens(pool)
     sep, other = pool[first == SEP_ID], pool[first != SEP_ID]
@@ -113,14 +119,14 @@ def test_decoding_stops_at_each_songs_end_with_the_same_songs(monkeypatch):
             pool[100:124],  # wherever the random pool puts its first [SEP]
         ]
     )
-    ends = sampling.song_ends(decoder.first_tokens(songs.reshape(-1, 16)).reshape(4, 24))
+    ends = song_lib.song_ends(decoder.first_tokens(songs.reshape(-1, 16)).reshape(4, 24))
     assert ends[:3].tolist() == [10, 24, 0]
     decoded_rows = []
     decode = decoder.decode
     monkeypatch.setattr(decoder, "decode", lambda x: decoded_rows.append(len(x)) or decode(x))
-    cut = sampling.decode_songs(decoder, songs)
+    cut = song_lib.decode_songs(decoder, songs)
     assert decoded_rows == [ends.sum()] and ends.sum() < songs.shape[0] * songs.shape[1]
-    full = sampling.decode_songs(decoder, songs, past_the_end=True)
+    full = song_lib.decode_songs(decoder, songs, past_the_end=True)
     assert decoded_rows[-1] == songs.shape[0] * songs.shape[1]
     for song, end, reference in zip(cut, ends, full):
         assert (song.text, song.n_bars, song.bars_before_sep, song.error) == (
@@ -138,19 +144,19 @@ def test_decode_songs_stop_at_the_first_sep():
     codebook = ldm_fixtures.Codebook()
     bar = [ldm_fixtures.ONE_NOTE_BAR, "[INST]", "[INST]", "b-1"]
     slots = bar * 3 + ["[SEP]"] + bar * 2 + ["[SEP]"] * 3
-    songs = sampling.decode_songs(codebook, codebook.song_latents(slots)[None])
+    songs = song_lib.decode_songs(codebook, codebook.song_latents(slots)[None])
     (song,) = songs
     assert song.n_bars == 3 and song.error == "" and len(song.slots) == len(slots)
     assert song.text == " ".join([ldm_fixtures.ONE_NOTE_BAR, "b-1"] * 3)
     assert len(song.multitrack.bars) == 3
-    broken = sampling.song_from_slots(["i-0 o-300 p-60 d-12", "b-1", "[SEP]"])
+    broken = song_lib.song_from_slots(["i-0 o-300 p-60 d-12", "b-1", "[SEP]"])
     assert broken.multitrack is None and broken.error and broken.n_bars == 1
 
 
 def test_write_midi_tempo_and_key(tmp_path):
-    song = sampling.song_from_slots(["i-0 o-0 p-60 d-12 o-24 p-64 d-12", "b-1"] * 2)
+    song = song_lib.song_from_slots(["i-0 o-0 p-60 d-12 o-24 p-64 d-12", "b-1"] * 2)
     path = str(tmp_path / "song.mid")
-    sampling.write_midi(song.multitrack, path, tempo=100.0, semitones=-3)
+    song_lib.write_midi(song.multitrack, path, tempo=100.0, semitones=-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["song.mid"]
     midi = mido.MidiFile(path)
     tempos = [m.tempo for t in midi.tracks for m in t if m.type == "set_tempo"]
@@ -168,7 +174,7 @@ def test_load_ldm_from_workdir_and_original_layout(tmp_path):
     config, cfg, params = _model()
     config.vae.workdir = "/some/vae"
     workdir = ldm_fixtures.save_workdir(tmp_path / "run", config, params)
-    loaded = sampling.load_ldm(workdir)
+    loaded = pretrained.load_ldm(workdir)
     assert (loaded.format, loaded.default_clip, loaded.vae_workdir) == (
         "orbax",
         "scaled",
@@ -179,7 +185,7 @@ def test_load_ldm_from_workdir_and_original_layout(tmp_path):
 
     folder = tmp_path / "original"
     ldm_weights.save_hf_checkpoint(folder, jax.device_get(params), cfg)
-    original = sampling.load_ldm(str(folder))
+    original = pretrained.load_ldm(str(folder))
     assert (original.format, original.default_clip) == ("original", "reference")
     assert original.config.cross_bias_mode == "additive"
     jax.tree.map(
@@ -188,7 +194,7 @@ def test_load_ldm_from_workdir_and_original_layout(tmp_path):
         jax.device_get(params),
     )
     with pytest.raises(FileNotFoundError, match="neither"):
-        sampling.read_ldm_config(str(tmp_path))
+        pretrained.read_ldm_config(str(tmp_path))
 
 
 def test_vae_decoder_from_workdir(tmp_path):
@@ -204,7 +210,8 @@ def test_vae_decoder_from_workdir(tmp_path):
     vae_config = vae.PhraseVAEConfig(**config.model)
     params = vae.init_params(jax.random.PRNGKey(0), vae_config)
     workdir = ldm_fixtures.save_workdir(tmp_path / "vae", config, params, which="latest")
-    decoder = sampling.VAEDecoder.from_workdir(workdir, max_length=6)  # falls back to latest
+    # falls back to latest
+    decoder = vae_inference.PhraseVAEModel.from_workdir(workdir, max_length=6)
     texts = decoder.decode(np.random.default_rng(0).normal(size=(5, 64)))
     assert len(texts) == 5 and all(isinstance(t, str) for t in texts)
     assert all(len(t.split()) <= 5 for t in texts)
@@ -215,12 +222,12 @@ def test_forced_length_reads_bars_by_position():
     bar = [ldm_fixtures.ONE_NOTE_BAR, "[INST]", "[INST]", "b-1"]
     # bar 2 has a stray b-1 in a track slot and a [SEP]: both count as nothing when forced
     slots = bar + [ldm_fixtures.ONE_NOTE_BAR, "b-1", "[SEP]", "b-1"] + bar + ["[SEP]"] * 4
-    natural = sampling.song_from_slots(slots)
+    natural = song_lib.song_from_slots(slots)
     assert natural.n_bars == natural.bars_before_sep == 2
-    forced = sampling.song_from_slots(slots, 4)
+    forced = song_lib.song_from_slots(slots, 4)
     assert (forced.n_bars, forced.bars_before_sep) == (4, 2)
     one = ldm_fixtures.ONE_NOTE_BAR
     assert forced.text == f"{one} b-1 {one} b-1 {one} b-1 b-1"
     assert len(forced.multitrack.bars) == 4 and not forced.multitrack.bars[3].tracks
     with pytest.raises(ValueError, match="5 bars need 20 slots, got 16"):
-        sampling.song_from_slots(slots, 5)
+        song_lib.song_from_slots(slots, 5)

@@ -88,7 +88,7 @@ def test_command_line_run_and_resume(latent_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.load(open(os.path.join(straight, "config.json")))
     assert saved["model"]["scale_factor"] == 0.76 and saved["model"]["clip_range"] == 3.0
-    assert saved["optim"]["freeze"] == [ldm_task.TIME_PROJ_FREEZE]
+    assert saved["optim"]["freeze"] == [ldm.TIME_PROJ_FREEZE]
     assert saved["data"]["augmentation"] == "bar_permute" and saved["train"]["num_steps"] == 6
 
     # The same run interrupted after step 3: its checkpoints up to 3 (the trainer drops the

@@ -11,8 +11,9 @@ import pytest
 import vae_fixtures as fx
 
 from input_pipeline import synthetic
-from phraseldm_jax import decoding, phrases, vae_inference
+from phraseldm_jax import decoding, phrases, songs, vae_inference
 from phraseldm_jax import vae as vae_lib
+from phraseldm_jax.cli import vae as vae_cli
 from phraseldm_jax.convert.errors import CheckpointMismatchError
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.vocab import BOS_ID, EOS_ID, PHRASE_VOCAB, QUERY_IDS, UnknownTokenError
@@ -73,15 +74,11 @@ def test_encode_samples_from_the_posterior(model):
         model.encode(PHRASES, sample=True)
 
 
-def test_decode_is_greedy_decoding_and_songs_follow_the_slot_layout(model):
+def test_decode_is_greedy_decoding(model):
     latents = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
     texts = model.decode(latents)
     tokens = decoding.greedy_decode(model.decode_params, model.config, latents, max_length=64)
     assert texts == decoding.tokens_to_phrases(tokens)
-    assert model.decode_song(latents) == phrases.slots_to_remiz(texts)
-    song = model.decode_song_multitrack(latents)
-    assert isinstance(song, MultiTrack)
-    assert len(song.bars) == phrases.count_bars(texts)
     assert model.reconstruct(PHRASES[:2]) == model.decode(model.encode(PHRASES[:2])[0])
 
 
@@ -89,35 +86,35 @@ def test_write_midi_and_midi_slots_round_trip(tmp_path):
     song, _, tempo = synthetic.synthetic_song(3)
     slots = phrases.slot_phrases(song)
     path = str(tmp_path / "song.mid")
-    vae_inference.write_midi(path, phrases.slots_to_remiz(slots), tempo=tempo)
-    read, read_tempo = vae_inference.midi_slots(path)
+    songs.write_midi(phrases.slots_to_remiz(slots), path, tempo=tempo, allow_empty=False)
+    read, read_tempo = songs.midi_slots(path)
     assert read == slots
     assert read_tempo == pytest.approx(tempo, abs=0.5)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
     with pytest.raises(ValueError, match="no bars"):
-        vae_inference.write_midi(str(tmp_path / "empty.mid"), "i-0 o-0 p-60 d-12")
+        songs.write_midi("i-0 o-0 p-60 d-12", str(tmp_path / "empty.mid"), allow_empty=False)
     with pytest.raises(ValueError, match="cannot read as MIDI"):
         (tmp_path / "bad.mid").write_text("not midi")
-        vae_inference.midi_slots(str(tmp_path / "bad.mid"))
+        songs.midi_slots(str(tmp_path / "bad.mid"))
 
 
 def test_command_line_encode_decode_reconstruct(model, workdir, tmp_path, capsys):
     (tmp_path / "phrases.txt").write_text("\n".join(PHRASES) + "\n")
     args = ["--workdir", workdir]
-    vae_inference.main(["encode", *args, "--input", str(tmp_path / "phrases.txt"),
+    vae_cli.main(["encode", *args, "--input", str(tmp_path / "phrases.txt"),
                         "--output", str(tmp_path / "z.npz")])  # fmt: skip
     saved = np.load(tmp_path / "z.npz")
     mean, logvar = model.encode(PHRASES)
     np.testing.assert_allclose(saved["mean"], mean, atol=2e-5)
     np.testing.assert_allclose(saved["logvar"], logvar, atol=2e-5)
 
-    vae_inference.main(["decode", *args, "--input", str(tmp_path / "z.npz"),
+    vae_cli.main(["decode", *args, "--input", str(tmp_path / "z.npz"),
                         "--output", str(tmp_path / "out.txt")])  # fmt: skip
     assert (tmp_path / "out.txt").read_text().split("\n")[:-1] == model.decode(saved["mean"])
 
     synthetic.write_midi_folder(str(tmp_path / "midi"), n_songs=1)
     capsys.readouterr()
-    vae_inference.main(["reconstruct", *args, "--input", str(tmp_path / "midi/synthetic_000.mid"),
+    vae_cli.main(["reconstruct", *args, "--input", str(tmp_path / "midi/synthetic_000.mid"),
                         "--output", str(tmp_path / "rec.mid")])  # fmt: skip
     report = json.loads(capsys.readouterr().out)
     song, _, _ = synthetic.synthetic_song(0)
@@ -140,8 +137,6 @@ def test_bad_input_is_a_clear_error(model):
         model.decode(np.zeros((3, 32)))
     with pytest.raises(ValueError, match=r"rows \[1\] hold NaN"):
         model.decode(np.array([[0.0] * 64, [np.nan] * 64]))
-    with pytest.raises(ValueError, match="not a multiple of the 4 slots"):
-        model.decode_song(np.zeros((6, 64)))
 
 
 def test_checkpoint_config_mismatch_and_missing_workdir(workdir, tmp_path):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PHRASES_PER_BAR = 4
+from phraseldm_jax.phrases import SLOTS_PER_BAR, length_bucket_range
+
 MELODY_PROGRAM = 13
 
 
@@ -27,7 +28,7 @@ MELODY_PROGRAM = 13
 
 
 def song_latents(
-    latents: np.ndarray, n_bars: Sequence[int], phrases_per_bar: int = PHRASES_PER_BAR
+    latents: np.ndarray, n_bars: Sequence[int], phrases_per_bar: int = SLOTS_PER_BAR
 ) -> list[np.ndarray]:
     """Valid rows of each generated song: latents[i, :phrases_per_bar * n_bars[i]].
 
@@ -169,7 +170,7 @@ def all_ngram_fids(
 # ----------------------------------------------------------------------------- structure
 
 
-def bar_ssm(z: np.ndarray, phrases_per_bar: int = PHRASES_PER_BAR) -> np.ndarray:
+def bar_ssm(z: np.ndarray, phrases_per_bar: int = SLOTS_PER_BAR) -> np.ndarray:
     """Bar self-similarity [B, B]: cosine of the bar means of the phrase latents z: [T, D].
 
     Norms are floored at 1e-12 (so an all-zero bar has similarity 0 to everything).
@@ -234,7 +235,7 @@ def bright_ratio(z: np.ndarray, threshold: float = 0.8) -> float:
 
 def truncate_by_self_similarity(
     z: np.ndarray,
-    phrases_per_bar: int = PHRASES_PER_BAR,
+    phrases_per_bar: int = SLOTS_PER_BAR,
     pad_threshold: float = 0.95,
     min_real_bars: int = 4,
     *,
@@ -299,17 +300,11 @@ def diversity(songs: Sequence[np.ndarray], *, exclude_zero: bool = False) -> flo
 # ----------------------------------------------------------------------------- length
 
 
-def length_bucket(target_bars: int, bucket_size: int = 10) -> tuple[int, int]:
-    """[low, high) bars of the length-condition bucket of target_bars: 64 -> (60, 70)."""
-    low = (int(target_bars) // bucket_size) * bucket_size
-    return low, low + bucket_size
-
-
 def length_accuracy(n_bars: Sequence[int], target_bars: int = 64, bucket_size: int = 10) -> float:
     """Fraction of generated songs whose bar count falls in the target's bucket."""
     if len(n_bars) == 0:
         return 0.0
-    low, high = length_bucket(target_bars, bucket_size)
+    low, high = length_bucket_range(target_bars, bucket_size)
     n_bars = np.asarray(n_bars)
     return float(np.mean((n_bars >= low) & (n_bars < high)))
 

@@ -1,0 +1,66 @@
+"""``python -m phraseldm_jax.cli.latents``: builds the song-latent dataset PhraseLDM trains on
+(``latent_dataset.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from phraseldm_jax import checkpointing, latent_dataset, phrases
+from phraseldm_jax.cli import common
+
+PROG = "python -m phraseldm_jax.cli.latents"
+DESCRIPTION = """Builds the song-latent dataset PhraseLDM trains on, with a trained PhraseVAE.
+
+Every song of the prepared ``songs`` dataset becomes its slot sequence (SPEC section 3), each
+slot string encoded to its posterior mean; ``stats.json`` gets the scale factor, the clip
+range and the special latents (see ``phraseldm_jax/latent_dataset.py``).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vae_workdir", required=True, help="PhraseVAE stage-3 training workdir or original folder"
+    )
+    parser.add_argument(
+        "--data_dir", required=True, help="datasets built by input_pipeline.prepare"
+    )
+    parser.add_argument("--out", required=True, help="the latent dataset folder to write")
+    parser.add_argument(
+        "--slot_order",
+        default="pitch_order",
+        choices=phrases.SLOT_ORDERS,
+        help="pitch_order: remi-z order; fixed: POP909's programs 13, 25, 0 in slots 0-2",
+    )
+    parser.add_argument(
+        "--checkpoint", default="best", choices=checkpointing.WHICH, help="VAE checkpoint"
+    )
+    parser.add_argument(
+        "--max_bars", type=int, default=phrases.MAX_BARS, help="longer songs are left out"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    stats = latent_dataset.build_latent_dataset(
+        args.vae_workdir,
+        args.data_dir,
+        args.out,
+        slot_order=args.slot_order,
+        checkpoint=args.checkpoint,
+        max_bars=args.max_bars,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}")
+    for line in latent_dataset.summary_lines(stats):
+        print("  " + line)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run_command(PROG, add_arguments, run, argv, DESCRIPTION)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

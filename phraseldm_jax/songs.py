@@ -1,0 +1,231 @@
+"""Song assembly: decoded slot strings -> REMI-z song text -> MultiTrack -> MIDI, and back.
+
+A song is the bars before the first ``[SEP]`` (SPEC section 7), or, forced, exactly
+``n_bars`` bars read by position from the song layout (``phrases.SLOTS_PER_BAR`` slots per
+bar). ``decode_songs`` turns raw latents [num_songs, length, 64] into ``Song`` objects with
+any ``PhraseDecoder`` (the PhraseVAE, or a stand-in); ``write_midi`` writes one, transposed,
+optionally lasting to the end of its last bar. ``midi_slots`` and ``bars_as_song`` go the other
+way for the VAE commands: a MIDI file to slot strings, decoded slots to a writable song.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+import mido
+import numpy as np
+
+from phraseldm_jax import phrases
+from phraseldm_jax.convert.safetensors_io import write_atomically
+from phraseldm_jax.phrases import SLOTS_PER_BAR
+from phraseldm_jax.remiz import MultiTrack
+from phraseldm_jax.vocab import SEP_ID
+
+REFERENCE_TEMPO = 90.0  # bpm the original writes into its MIDI files
+
+
+class PhraseDecoder(Protocol):
+    """Anything that turns raw phrase latents [N, 64] into phrase strings (the PhraseVAE)."""
+
+    def decode(self, latents: np.ndarray) -> list[str]: ...
+
+
+@dataclasses.dataclass
+class Song:
+    """One decoded song. ``slots``: the decoded phrase of every latent; ``text``: the REMI-z
+    song string (up to the first ``[SEP]``, or ``n_bars`` bars read by position when the
+    length was forced); ``n_bars``: its ``b-1`` count; ``multitrack``: None when remi-z could
+    not read ``text`` (``error`` says why); ``bars_before_sep``: the ``b-1`` count before the
+    first ``[SEP]``, the length the model itself generated (equal to ``n_bars`` unless
+    forced)."""
+
+    slots: list[str]
+    text: str
+    n_bars: int
+    multitrack: MultiTrack | None
+    error: str = ""
+    bars_before_sep: int = 0
+
+
+def forced_length_text(slots: Sequence[str], n_bars: int) -> str:
+    """Exactly ``n_bars`` bars read by position from the song layout: bar k is the tokens of
+    slots 4k..4k+2 (the track slots) followed by ``b-1``. Special tokens in those slots
+    (``[SEP]``, ``[INST]``, ...) and stray ``b-1`` count as nothing, so a bar the model left
+    empty or marked as past the end is an empty (silent) bar; the bar-slot latents are not read.
+    """
+    if n_bars * SLOTS_PER_BAR > len(slots):
+        raise ValueError(f"{n_bars} bars need {n_bars * SLOTS_PER_BAR} slots, got {len(slots)}")
+    tokens: list[str] = []
+    for bar in range(n_bars):
+        for text in slots[bar * SLOTS_PER_BAR : bar * SLOTS_PER_BAR + SLOTS_PER_BAR - 1]:
+            tokens += [
+                token
+                for token in phrases.as_text(text).split()
+                if token != phrases.BAR_TOKEN and not token.startswith("[")
+            ]
+        tokens.append(phrases.BAR_TOKEN)
+    return " ".join(tokens)
+
+
+def song_from_slots(slots: Sequence[str], n_bars: int | None = None) -> Song:
+    """Decoded slot strings -> Song (SPEC section 7: the bars before the first ``[SEP]``).
+    ``n_bars`` forces the length instead (``forced_length_text``)."""
+    natural = phrases.slots_to_remiz(slots)
+    text = natural if n_bars is None else forced_length_text(slots, n_bars)
+    bars_before_sep = natural.split().count(phrases.BAR_TOKEN)
+    try:
+        multitrack, error = phrases.remiz_to_multitrack(text), ""
+    except Exception as err:  # remi-z asserts on some token sequences; report, don't crash
+        multitrack, error = None, f"{type(err).__name__}: {err}"
+    count = text.split().count(phrases.BAR_TOKEN)
+    return Song(list(slots), text, count, multitrack, error, bars_before_sep)
+
+
+def song_ends(first_tokens: np.ndarray) -> np.ndarray:
+    """[num_songs, length] first decoded token of every slot -> [num_songs] index of each
+    song's first slot that starts with ``[SEP]`` (``length`` when none does)."""
+    starts_with_sep = np.asarray(first_tokens) == SEP_ID
+    return np.where(starts_with_sep.any(1), starts_with_sep.argmax(1), starts_with_sep.shape[1])
+
+
+def decode_songs(
+    decoder: PhraseDecoder,
+    latents: np.ndarray,
+    n_bars: int | None = None,
+    *,
+    past_the_end: bool = False,
+) -> list[Song]:
+    """Raw latents [num_songs, length, 64] -> Songs (the slots decoded in one call);
+    ``n_bars`` forces every song's length (``song_from_slots``).
+
+    A natural-length song stops at its first ``[SEP]``, so when the decoder reports first
+    tokens (``PhraseVAEModel.first_tokens``, one greedy step per slot) the slots after a song's
+    first slot that starts with ``[SEP]`` are not decoded: same text, bars and MIDI, and an
+    undertrained model leaves most of its 512 slots past the end, often as rows that never
+    emit ``[EOS]``. Their ``slots`` entries are then ``""`` and the ``[SEP]`` slot's is
+    ``"[SEP]"``. ``past_the_end=True`` (or a forced length, which reads slots by position)
+    decodes every slot."""
+    latents = np.asarray(latents, np.float32)
+    n, length, dim = latents.shape
+    flat = latents.reshape(n * length, dim)
+    if n_bars is not None or past_the_end or not hasattr(decoder, "first_tokens"):
+        texts = decoder.decode(flat)
+        if len(texts) != n * length:
+            raise ValueError(f"decoder returned {len(texts)} phrases for {n * length} latents")
+    else:
+        ends = song_ends(np.asarray(decoder.first_tokens(flat)).reshape(n, length))
+        rows = np.concatenate([i * length + np.arange(end) for i, end in enumerate(ends)])
+        decoded = decoder.decode(flat[rows]) if len(rows) else []
+        if len(decoded) != len(rows):
+            raise ValueError(f"decoder returned {len(decoded)} phrases for {len(rows)} latents")
+        texts = [""] * (n * length)
+        for row, text in zip(rows, decoded):
+            texts[row] = text
+        for i, end in enumerate(ends):
+            if end < length:
+                texts[i * length + end] = phrases.SEP_TOKEN
+    return [song_from_slots(texts[i * length : (i + 1) * length], n_bars) for i in range(n)]
+
+
+def transpose(multitrack: MultiTrack, semitones: int) -> None:
+    """Shifts every non-drum note by ``semitones`` in place, keeping pitches in 0..127 by
+    octaves."""
+    if semitones == 0:
+        return
+    for bar in multitrack.bars:
+        for track in bar.tracks.values():
+            if track.is_drum:
+                continue
+            for note in track.notes:
+                pitch = note.pitch + semitones
+                while pitch < 0:
+                    pitch += 12
+                while pitch > 127:
+                    pitch -= 12
+                note.pitch = pitch
+
+
+def _extend_to_last_bar(path: str, multitrack: MultiTrack) -> None:
+    """Moves the end of every MIDI track to the end of the song's last bar, so trailing
+    silent bars stay in the file (remi-z ends the file at the last note)."""
+    midi = mido.MidiFile(path)
+    end = 0
+    for bar in multitrack.bars:
+        numerator, denominator = bar.time_signature
+        end += round(midi.ticks_per_beat * numerator * 4 / denominator)
+    for track in midi.tracks:
+        total = sum(message.time for message in track)
+        if track and track[-1].type == "end_of_track" and total < end:
+            track[-1].time += end - total
+    midi.save(path)
+
+
+def write_midi(
+    song: MultiTrack | str,
+    path: str,
+    *,
+    tempo: float = REFERENCE_TEMPO,
+    semitones: int = 0,
+    keep_silent_bars: bool = False,
+    allow_empty: bool = True,
+) -> None:
+    """Writes a song (MultiTrack or REMI-z string) as MIDI at ``tempo`` bpm, transposed by
+    ``semitones`` (in place), atomically. ``keep_silent_bars``: the file lasts to the end of
+    the last bar even when it is silent. ``allow_empty=False``: a song without bars is a
+    ValueError instead of an empty file."""
+    multitrack = phrases.remiz_to_multitrack(song) if isinstance(song, str) else song
+    if not allow_empty and not multitrack.bars:
+        raise ValueError(f"{path}: the song has no bars (no 'b-1' token), nothing to write")
+    transpose(multitrack, semitones)
+
+    def write(tmp: str) -> None:
+        multitrack.to_midi(tmp, tempo=float(tempo), verbose=False)
+        if keep_silent_bars:
+            _extend_to_last_bar(tmp, multitrack)
+
+    write_atomically(path, write)
+
+
+def notes_only(text: str) -> str:
+    """A decoded phrase without bar, song or special tokens, so that it stays in its bar."""
+    return " ".join(t for t in text.split() if t[:2] in ("i-", "o-", "p-", "d-"))
+
+
+def bars_as_song(slots: Sequence[str], per_bar: int = SLOTS_PER_BAR) -> list[str]:
+    """Decoded bars of ``per_bar`` slots made safe to write: track slots keep only note tokens
+    (``[INST]`` when none are left) and every bar ends in ``b-1``, so a stray ``[SEP]`` or
+    ``b-1`` in a decoded slot cannot cut the song short or add bars."""
+    if len(slots) % per_bar:
+        raise ValueError(f"{len(slots)} slot strings are not whole bars of {per_bar}")
+    out = []
+    for start in range(0, len(slots), per_bar):
+        tracks = slots[start : start + per_bar - 1]
+        out.extend(notes_only(t) or phrases.INST_TOKEN for t in tracks)
+        out.append(phrases.BAR_TOKEN)
+    return out
+
+
+def midi_slots(
+    path: str, slot_order: str = "pitch_order", n_slots: int | None = None
+) -> tuple[list[str], float]:
+    """Slot strings of a MIDI file (per bar its track phrases, ``[INST]``-padded to
+    ``n_slots``, then ``b-1``) and its first tempo in bpm.
+
+    ``n_slots`` None: 3, or more when a bar has more tracks (``pitch_order``), so that no
+    phrase is dropped.
+    """
+    try:
+        song = MultiTrack.from_midi(os.fspath(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read as MIDI ({type(e).__name__}: {e})") from e
+    if not song.bars:
+        raise ValueError(f"{path}: no bars")
+    if n_slots is None:
+        n_slots = phrases.DEFAULT_N_SLOTS
+        if slot_order == "pitch_order":
+            n_slots = max(n_slots, *(len(bar) for bar in phrases.multitrack_phrases(song)))
+    slots = phrases.slot_phrases(song, slot_order, n_slots=n_slots)
+    return slots, float(song.bars[0].tempo)
