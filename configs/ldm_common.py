@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import paths
-from phraseldm_jax import trainer
+from configs import paths, train_common
 
 SIZES = ("", "paper", "small", "tiny")
 # The section plan of POP909 song 083, the reference's fixed evaluation prompt (64 bars).
@@ -44,7 +43,7 @@ def ldm_config(
     """The full config of one PhraseLDM variant at one size (``SIZES``)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; use one of {SIZES[1:]} (or nothing)")
-    config = trainer.default_train_config()
+    config = train_common.default_train_config()
 
     # PhraseLDMConfig fields (built as PhraseLDMConfig(**config.model)).
     config.model = ml_collections.ConfigDict()
