@@ -151,13 +151,12 @@ def make_eval_fn(ldm_cfg, timesteps=EVAL_TIMESTEPS):
 
 def run_variant(name: str, args) -> dict:
     """Trains one variant; returns its curves."""
-    import train_ldm
 
     config = variant_config(name, args.latent_dir, args.width, args.layers, args.batch)
     fourier = name in ("bf16_fourier", "autocast", "autocast_eps6")
     stream = name in ("bf16_stream", "autocast", "autocast_eps6")
     task = ldm_task.make_ldm_task(config)
-    data = train_ldm.make_train_iter(config, 0, 1)
+    data = ldm_pipeline.make_train_iter(config)(0, 1)
     example = trainer.peek_batch(data)
     tx, lr_fn = optim.make_optimizer(config.optim, args.steps)
     valid = validation_batch(config, args.eval_songs)

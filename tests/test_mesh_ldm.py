@@ -28,6 +28,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import train_ldm
+from input_pipeline import ldm_pipeline
 from phraseldm_jax import (
     checkpointing,
     diffusion,
@@ -159,7 +160,7 @@ def _resolved(config):
 def test_big_kernels_and_their_adam_moments_are_sharded_over_fsdp(latent_dir):
     config = _resolved(config_on(latent_dir, 2, 4))
     task = ldm_task.make_ldm_task(config)
-    example = next(train_ldm.make_train_iter(config, 0, 1))
+    example = next(ldm_pipeline.make_train_iter(config)(0, 1))
     tx, _ = optim.make_optimizer(config.optim, STEPS)
     init_fn = functools.partial(trainer.init_train_state, task, tx, 0)
     mesh = mh.mesh(2, 4)
@@ -198,7 +199,7 @@ def _loss_grad(loss_fn):
 
 def test_remat_gives_the_same_gradients(latent_dir):
     config = _resolved(config_on(latent_dir, 1, 1))
-    batch = next(train_ldm.make_train_iter(config, 0, 1))
+    batch = next(ldm_pipeline.make_train_iter(config)(0, 1))
     params = ldm.init_params(jax.random.PRNGKey(0), ldm_task.ldm_config(config))
     grads, jaxprs = [], []
     for remat in (False, True):
@@ -234,7 +235,7 @@ def fixed_noise_task(config) -> trainer.Task:
 def test_grad_accumulation_equals_the_full_batch(latent_dir):
     config = _resolved(config_on(latent_dir, 2, 2))
     config.data.batch_size = 32
-    batch = dict(next(train_ldm.make_train_iter(config, 0, 1)))
+    batch = dict(next(ldm_pipeline.make_train_iter(config)(0, 1)))
     rng = np.random.default_rng(0)
     batch["t"] = rng.integers(0, 1000, size=32).astype(np.int32)
     batch["noise"] = rng.normal(size=batch["latents"].shape).astype(np.float32)
@@ -302,7 +303,7 @@ def test_two_processes_train_like_one(latent_dir, tmp_path):
 
     def make_iter(process_index, process_count):
         assert (process_index, process_count) == (0, 1)
-        return mh.ProcessShards([train_ldm.make_train_iter(config, i, 2) for i in range(2)])
+        return mh.ProcessShards([ldm_pipeline.make_train_iter(config)(i, 2) for i in range(2)])
 
     task = ldm_task.make_ldm_task(config, decoder=ldm_fixtures.Codebook())
     trainer.run(config, reference, task, make_iter)
