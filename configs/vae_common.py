@@ -117,9 +117,8 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
 
 
 def _small(config: ml_collections.ConfigDict, stage: int) -> None:
-    """About 0.9M parameters for a CPU run on full POP909 (a step at batch 128 takes about a
-    second on 2 cores). The learning rate is 10x the paper's: the run has ~2000 steps, not
-    hundreds of thousands. Evaluation reads 4096 validation records, 2048 of them decoded."""
+    """About 0.9M parameters for a CPU run on full POP909 (its step time: docs/ARCHITECTURE.md).
+    The learning rate is 10x the paper's: the run has ~2000 steps, not hundreds of thousands. Evaluation reads 4096 validation records, 2048 of them decoded."""
     config.model.t5 = t5_fields(128, 256, 32, 4, 2)
     config.data.bucket_lengths = (8, 16, 32, 48, 64, 128)
     config.optim.lr = 1e-3
