@@ -118,7 +118,7 @@ def ldm_config(
 
 
 def _small(config: ml_collections.ConfigDict, sec_control: bool) -> None:
-    """1.3M parameters for CPU runs on POP909 latents: about 3 s per step on 2 busy cores."""
+    """1.3M parameters for CPU runs on POP909 latents (step time: docs/ARCHITECTURE.md)."""
     config.model.dit = _dit(128, 4, 4, 2, 64, 128 if sec_control else 64)
     config.data.batch_size = 8
     config.train.num_steps = 1500

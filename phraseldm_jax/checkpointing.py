@@ -12,7 +12,8 @@ to resume exactly (best metric so far, early-stopping counter, last metrics).
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp*`` and renames it when complete;
 step discovery ignores those names, so an interrupted save is never restored (checked by
-SIGKILLing a process in the middle of a 400 MB save; test_checkpointing replays what it left).
+SIGKILLing a process in the middle of a large save, docs/ARCHITECTURE.md; test_checkpointing
+replays what it left).
 The managers also delete such leftovers in the background when they open.
 """
 
