@@ -1,7 +1,7 @@
 """Runs the whole job, data to MIDI: prepare a corpus, train PhraseVAE (stages 2 and 3), build
 the latent dataset, train a length-conditioned PhraseLDM, sample songs as MIDI files.
 
-  python quickstart.py                                          # embedded corpus, ~10 min on 2 cores
+  python quickstart.py                                          # embedded corpus (README: time)
   python quickstart.py --config configs/quickstart.py:pop909    # real POP909 (hours on a CPU)
   python quickstart.py --workdir runs/qs --config.sample.num_songs=8
 
@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import paths
+from phraseldm_jax import fileio
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(paths.REPO_ROOT, "configs", "quickstart.py"), "quickstart preset"
@@ -51,7 +52,7 @@ def stage_commands(config, workdir: str) -> list[tuple[str, list[str]]]:
     vae2, vae3 = os.path.join(workdir, "vae_stage2"), os.path.join(workdir, "vae_stage3")
     latents, ldm = os.path.join(workdir, "latents"), os.path.join(workdir, "ldm")
     corpus = config.corpus
-    prepare = ["-m", "input_pipeline.prepare", "--source", corpus.source, "--data_dir", data_dir]
+    prepare = ["-m", "phraseldm_jax.cli.prepare", "--source", corpus.source, "--data_dir", data_dir]
     if corpus.source == "synthetic":
         prepare += ["--n_songs", str(corpus.n_songs)]
     else:
@@ -113,10 +114,7 @@ def _load_state(path: str) -> dict:
 
 
 def _save_state(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(state, indent=2))
 
 
 def main(argv) -> None:

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 
-from phraseldm_jax import sections
+from phraseldm_jax import fileio, sections
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 KEY_PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -171,7 +171,6 @@ def run(args, model, decoder, log=print) -> dict:
     import tqdm
 
     from phraseldm_jax import ldm, sharding, songs
-    from phraseldm_jax.convert.safetensors_io import write_text_atomically
     from phraseldm_jax.sampler import LatentSampler, SamplerSettings
 
     ldm_cfg, params = model.config, model.params
@@ -212,7 +211,7 @@ def run(args, model, decoder, log=print) -> dict:
             entry = {"file": f"{name}.mid", "text_file": f"{name}.txt", "n_bars": song.n_bars}
             entry["bars_before_sep"] = song.bars_before_sep
             entry["error"] = song.error
-            write_text_atomically(os.path.join(args.out, f"{name}.txt"), song.text + "\n")
+            fileio.write_text(os.path.join(args.out, f"{name}.txt"), song.text + "\n")
             if song.multitrack is not None:
                 songs.write_midi(
                     song.multitrack,
@@ -278,7 +277,6 @@ def main(argv=None, decoder=None) -> int:
     sharding.use_cpu_cores(args.cpu_devices or None)
     import jax
 
-    from phraseldm_jax.convert.safetensors_io import write_text_atomically
     from phraseldm_jax.vae_inference import SONG_DECODE_BATCH, PhraseVAEModel
 
     started = time.perf_counter()
@@ -304,7 +302,7 @@ def main(argv=None, decoder=None) -> int:
     summary["timings"]["load_s"] = loaded - started
     summary["timings"]["total_s"] = time.perf_counter() - started
     summary_path = os.path.join(args.out, "summary.json")
-    write_text_atomically(summary_path, json.dumps(summary, indent=2) + "\n")
+    fileio.write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     return 0
 
 

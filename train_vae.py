@@ -20,7 +20,6 @@ from phraseldm_jax import vae_task
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/vae_stage*.py[:size]", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics and test_metrics.json go")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -33,4 +32,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -151,13 +151,12 @@ def make_eval_fn(ldm_cfg, timesteps=EVAL_TIMESTEPS):
 
 def run_variant(name: str, args) -> dict:
     """Trains one variant; returns its curves."""
-    import train_ldm
 
     config = variant_config(name, args.latent_dir, args.width, args.layers, args.batch)
     fourier = name in ("bf16_fourier", "autocast", "autocast_eps6")
     stream = name in ("bf16_stream", "autocast", "autocast_eps6")
     task = ldm_task.make_ldm_task(config)
-    data = train_ldm.make_train_iter(config, 0, 1)
+    data = ldm_pipeline.make_train_iter(config)(0, 1)
     example = trainer.peek_batch(data)
     tx, lr_fn = optim.make_optimizer(config.optim, args.steps)
     valid = validation_batch(config, args.eval_songs)
@@ -285,10 +284,10 @@ def main(argv=None) -> int:
         if name not in results:
             results[name] = run_variant(name, args)
             if args.out:
-                from phraseldm_jax.metric_writer import write_text_atomic
+                from phraseldm_jax import fileio
 
                 text = json.dumps({"args": vars(args), "results": results}, indent=1)
-                write_text_atomic(args.out, text + "\n")
+                fileio.write_text(args.out, text + "\n")
     print("Training loss (mean over each window):\n" + table(results))
     print("\nGradient norm:\n" + table(results, "grad_norm"))
     print(f"\nValidation noise MSE at step {args.steps}, per timestep:\n" + eval_table(results))

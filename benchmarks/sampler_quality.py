@@ -162,9 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: " + json.dumps({k: v for k, v in entry.items() if k != "eval"}), flush=True)
         results = load_results(args.out)  # another invocation may have added runs meanwhile
         results["runs"][name] = entry
-        from phraseldm_jax.metric_writer import write_text_atomic
+        from phraseldm_jax import fileio
 
-        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+        fileio.write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(markdown_table(load_results(args.out)))
     return 0
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import paths
-from phraseldm_jax import trainer
+from configs import paths, train_common
 
 SIZES = ("", "paper", "small", "tiny")
 # The section plan of POP909 song 083, the reference's fixed evaluation prompt (64 bars).
@@ -44,7 +43,7 @@ def ldm_config(
     """The full config of one PhraseLDM variant at one size (``SIZES``)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; use one of {SIZES[1:]} (or nothing)")
-    config = trainer.default_train_config()
+    config = train_common.default_train_config()
 
     # PhraseLDMConfig fields (built as PhraseLDMConfig(**config.model)).
     config.model = ml_collections.ConfigDict()
@@ -119,7 +118,7 @@ def ldm_config(
 
 
 def _small(config: ml_collections.ConfigDict, sec_control: bool) -> None:
-    """1.3M parameters for CPU runs on POP909 latents: about 3 s per step on 2 busy cores."""
+    """1.3M parameters for CPU runs on POP909 latents (step time: docs/ARCHITECTURE.md)."""
     config.model.dit = _dit(128, 4, 4, 2, 64, 128 if sec_control else 64)
     config.data.batch_size = 8
     config.train.num_steps = 1500

@@ -5,7 +5,7 @@ git-ignored) and can be moved with environment variables, so that configs never 
 machine's paths:
 
 - ``PHRASELDM_DATA``: prepared datasets (``<PHRASELDM_DATA>/pop909`` from
-  ``input_pipeline.prepare``, ``<PHRASELDM_DATA>/pop909_latents`` from
+  ``python -m phraseldm_jax.cli.prepare``, ``<PHRASELDM_DATA>/pop909_latents`` from
   ``phraseldm_jax.latent_dataset``);
 - ``PHRASELDM_RUNS``: training workdirs (``<PHRASELDM_RUNS>/vae_stage3`` is the PhraseVAE whose
   latents the LDM configs expect);

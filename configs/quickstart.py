@@ -1,13 +1,13 @@
 """The whole job, data to MIDI, as ``quickstart.py`` runs it (``get_config(preset)``).
 
-  python quickstart.py                                          # embedded corpus, ~10 min on 2 cores
+  python quickstart.py                                          # embedded corpus (README: time)
   python quickstart.py --config configs/quickstart.py:pop909    # real POP909, hours on a CPU
 
 Presets:
 - ``""`` (default): the built-in synthetic corpus (``input_pipeline.synthetic``, no download),
   a tiny PhraseVAE (stage 2 then stage 3, a few hundred steps each) and a tiny
   length-conditioned PhraseLDM (2 layers, 64 bars, 2500 steps): every stage of the real job in
-  about 10 minutes on 2 CPU cores, writing MIDI.
+  minutes on a CPU (README has the measured time), writing MIDI.
 - ``pop909``: the raw POP909 folder (``$PHRASELDM_POP909``, default ``../shared/data/pop909``)
   with the CPU-sized ``small`` models: the runs whose numbers the README quotes.
 Stage settings are passed to the stage scripts as ``--config.<field>=<value>`` overrides, so
@@ -28,7 +28,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.corpus = ml_collections.ConfigDict()
-    config.corpus.source = "synthetic"  # synthetic | pop909 | midi (input_pipeline.prepare)
+    config.corpus.source = "synthetic"  # synthetic | pop909 | midi (phraseldm_jax.cli.prepare)
     config.corpus.input = ""  # raw folder for pop909 / midi
     config.corpus.n_songs = 96  # synthetic corpus size
     config.corpus.extra_args = ""  # e.g. "--programs 0,25 --max_tracks 3" for midi folders
@@ -67,7 +67,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.sample.bars = 32
     config.sample.sampler = "dpmpp_2m"
     config.sample.steps = 50
-    # The default preset's LDM trains for ~4 minutes: it learns the phrases but not yet where a
+    # The default preset's LDM trains for minutes: it learns the phrases but not yet where a
     # song ends (its songs stop at an early decoded [SEP] after 0-2 bars), so the songs are
     # written at the requested length, read by position (sample.py --force_length; summary.json
     # keeps the model's own length as bars_before_sep). The pop909 preset writes what the model

@@ -9,18 +9,17 @@ synthetic corpus' size.
 
 Layout (the LDM configs mirror it): ``model`` = ``PhraseVAEConfig`` fields (``t5`` =
 ``T5Config`` fields), ``data`` = input pipeline, ``optim`` / ``train`` / ``mesh`` =
-``trainer.default_train_config()`` plus the VAE's own ``train`` fields, ``eval`` = evaluation.
+``train_common.default_train_config()`` plus the VAE's own ``train`` fields, ``eval`` = evaluation.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs import paths
-from phraseldm_jax import trainer
+from configs import paths, train_common
+from phraseldm_jax.vae import STAGE_HEADS
 
 SIZES = ("", "paper", "small", "tiny")
-STAGE_HEADS = {1: "full_sequence", 2: "query", 3: "vae"}
 STAGE_DATASETS = {1: "bars", 2: "phrases", 3: "phrases"}
 POP909_DATA_DIR = paths.POP909_SONGS
 
@@ -50,7 +49,7 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown PhraseVAE stage {stage!r}; expected 1, 2 or 3")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; use one of {SIZES[1:]} (or nothing)")
-    config = trainer.default_train_config()
+    config = train_common.default_train_config()
 
     # PhraseVAEConfig fields (built as PhraseVAEConfig(**config.model)).
     config.model = ml_collections.ConfigDict()
@@ -60,7 +59,7 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
     config.model.latent_dim = 64  # z width (stage 3)
 
     config.data = ml_collections.ConfigDict()
-    config.data.data_dir = POP909_DATA_DIR  # built by input_pipeline.prepare; "" = synthetic corpus
+    config.data.data_dir = POP909_DATA_DIR  # built by phraseldm_jax.cli.prepare; "" = synthetic
     config.data.n_synthetic_songs = 48  # songs of the synthetic corpus (data_dir "")
     config.data.dataset = STAGE_DATASETS[stage]  # bars (stage 1) | phrases (stages 2-3)
     config.data.stage = stage  # input format: span-masked, no queries (1) | 4 queries (2-3)
@@ -118,9 +117,8 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
 
 
 def _small(config: ml_collections.ConfigDict, stage: int) -> None:
-    """About 0.9M parameters for a CPU run on full POP909 (a step at batch 128 takes about a
-    second on 2 cores). The learning rate is 10x the paper's: the run has ~2000 steps, not
-    hundreds of thousands. Evaluation reads 4096 validation records, 2048 of them decoded."""
+    """About 0.9M parameters for a CPU run on full POP909 (its step time: docs/ARCHITECTURE.md).
+    The learning rate is 10x the paper's: the run has ~2000 steps, not hundreds of thousands. Evaluation reads 4096 validation records, 2048 of them decoded."""
     config.model.t5 = t5_fields(128, 256, 32, 4, 2)
     config.data.bucket_lengths = (8, 16, 32, 48, 64, 128)
     config.optim.lr = 1e-3

@@ -47,10 +47,11 @@ with weight-0 filler rows. Multi-process: process ``i`` of ``n`` reads songs ``i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 
 from input_pipeline.latent_records import open_latent_source, read_stats
@@ -432,3 +433,28 @@ def make_iterator(
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(ds)
+
+
+def make_train_iter(config: ml_collections.ConfigDict) -> Callable[[int, int], Any]:
+    """The trainer's ``make_train_iter(process_index, process_count)`` over
+    ``data.train_split`` of a PhraseLDM training config."""
+    data = config.data
+
+    def make(process_index: int, process_count: int):
+        return make_iterator(
+            data.latent_dir,
+            data.train_split,
+            max_bars=config.model.dit.sample_size // SLOTS_PER_BAR,
+            reference_padding=data.reference_padding,
+            worker_count=data.worker_count,
+            batch_size=data.batch_size,
+            seed=config.train.seed,
+            train=True,
+            augmentation=data.augmentation,
+            exclude_unfit_plans=bool(data.exclude_unfit_plans and config.model.sec_control),
+            process_index=process_index,
+            process_count=process_count,
+            read_threads=data.read_threads,
+        )
+
+    return make

@@ -1,18 +1,12 @@
-"""Build the songs / phrases / bars datasets from a raw corpus, with a summary.
+"""Build the songs / phrases / bars datasets from a raw corpus, with a summary (``build``).
 
-  python -m input_pipeline.prepare --source pop909 --input ../shared/data/pop909 \\
-      --data_dir data_cache/pop909
-  python -m input_pipeline.prepare --source midi --input <folder> --data_dir <dir> \\
-      [--programs 0,25,13] [--drums] [--name_regex 'piano|melody'] [--max_tracks 3] \\
-      [--program_map 1:0,2:0] [--slot_programs 13,25,0] [--no_key_norm]
-  python -m input_pipeline.prepare --source synthetic --data_dir <dir> [--n_songs 48]
-
-Songs are imported in a process pool (``--workers``) with a progress bar, then written
+The command is ``python -m phraseldm_jax.cli.prepare`` (``--help`` lists the options).
+Songs are imported in a process pool (``workers``) with a progress bar, then written
 with the TFDS builders of ``input_pipeline.tfds_builders`` (ArrayRecord, under
 ``<data_dir>/<name>/<version>/``). The summary (songs, bars and phrases per split, songs
 fitting their section plan and why the others do not, token-length percentiles, songs
-over 128 bars, every rejected or marked file with its reason) is printed and saved to
-``<data_dir>/prepare_summary.json``. Existing datasets are kept unless ``--overwrite``.
+over 128 bars, every rejected or marked file with its reason) is returned and saved to
+``<data_dir>/prepare_summary.json``. Existing datasets are kept unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -29,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from input_pipeline import midi_folder, pop909, records, synthetic, tfds_builders
+from phraseldm_jax import fileio
 from phraseldm_jax.sections import MAX_PLAN_BARS
 
 SUMMARY_FILE = "prepare_summary.json"
@@ -36,11 +31,12 @@ PERCENTILES = (50, 90, 99)
 
 
 def import_songs(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Imports the corpus named by the command line: (records, [(file, reason)])."""
+    """Imports the corpus named by the options (``cli.prepare``'s flags): (records,
+    [(file, reason)])."""
     if args.source == "synthetic":
         return synthetic.synthetic_records(args.n_songs, seed=args.seed), []
     if not args.input:
-        raise SystemExit(f"--input is required for --source {args.source}")
+        raise ValueError(f"--input is required for --source {args.source}")
     if args.source == "pop909":
         return pop909.import_folder(
             args.input, workers=args.workers, progress=True, limit=args.limit
@@ -132,10 +128,7 @@ def summarize(songs: Sequence[Mapping], rejected: Sequence[tuple[str, str]]) -> 
 
 def write_json(path: str, data: Mapping) -> None:
     """Writes ``data`` as JSON atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def print_summary(summary: Mapping, file=None) -> None:
@@ -168,29 +161,13 @@ def print_summary(summary: Mapping, file=None) -> None:
         p(f"  MARKED {item['song_id']} {item['flags']}: {item['note']}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", choices=tfds_builders.SOURCES, required=True)
-    parser.add_argument("--input", help="raw corpus folder (pop909, midi)")
-    parser.add_argument("--data_dir", required=True, help="where the datasets are written")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--overwrite", action="store_true", help="rebuild existing datasets")
-    parser.add_argument("--limit", type=int, help="pop909: only the first N songs")
-    parser.add_argument("--n_songs", type=int, default=48, help="synthetic: corpus size")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: corpus seed")
-    group = parser.add_argument_group("midi track selection")
-    group.add_argument("--programs", help="keep pitched tracks with these programs, e.g. 0,25")
-    group.add_argument("--drums", action="store_true", help="keep drum tracks")
-    group.add_argument("--name_regex", help="keep tracks whose name matches")
-    group.add_argument("--max_tracks", type=int, help="keep the N tracks with most notes")
-    group.add_argument("--program_map", help="remap programs, e.g. 1:0,2:0")
-    group.add_argument("--slot_programs", help="programs by pitch rank, e.g. 13,25,0")
-    group.add_argument("--no_key_norm", action="store_true", help="skip key normalisation")
-    return parser.parse_args(argv)
+def build(args: argparse.Namespace, command: str) -> dict:
+    """Imports the corpus and writes the datasets and the summary (returned); ``args`` holds
+    ``cli.prepare``'s options, ``command`` the command line recorded in the summary.
 
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
+    Raises FileExistsError when ``data_dir`` holds datasets and ``args.overwrite`` is off, and
+    ValueError when nothing could be imported.
+    """
     start = time.time()
     existing = [
         name
@@ -199,17 +176,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         and _has_finished_dataset(args.data_dir, name)
     ]
     if existing and not args.overwrite:
-        raise SystemExit(
+        raise FileExistsError(
             f"{args.data_dir} already holds {existing}; pass --overwrite to rebuild them"
         )
     songs, rejected = import_songs(args)
     if not songs:
-        raise SystemExit(f"no songs imported from {args.input} ({len(rejected)} rejected)")
+        raise ValueError(f"no songs imported from {args.input} ({len(rejected)} rejected)")
     import_seconds = time.time() - start
     tfds_builders.quiet()
     tfds_builders.build(args.data_dir, overwrite=args.overwrite, songs=songs)
     summary = {
-        "command": " ".join(["python -m input_pipeline.prepare", *(argv or sys.argv[1:])]),
+        "command": command,
         "source": args.source,
         "input": args.input,
         "data_dir": args.data_dir,
@@ -222,9 +199,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         **summarize(songs, rejected),
     }
     write_json(os.path.join(args.data_dir, SUMMARY_FILE), summary)
-    print_summary(summary)
-    print(f"written: {summary['written']}")
-    print(f"wall time {summary['wall_seconds']} s; summary in {args.data_dir}/{SUMMARY_FILE}")
     return summary
 
 
@@ -234,7 +208,3 @@ def _has_finished_dataset(data_dir: str, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-if __name__ == "__main__":
-    main()

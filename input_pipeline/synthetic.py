@@ -16,11 +16,13 @@ songs as MIDI files that ``input_pipeline.midi_folder`` imports back to the same
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
 from input_pipeline import records
+from phraseldm_jax import fileio
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.sections import parse_plan
 
@@ -128,6 +130,10 @@ def synthetic_records(n_songs: int = 48, seed: int = 0) -> list[dict]:
     return out
 
 
+def _write_midi(song: MultiTrack, tempo: float, path: str) -> None:
+    song.to_midi(path, tempo=tempo, verbose=False)
+
+
 def write_midi_folder(folder: str, n_songs: int = 48, seed: int = 0) -> list[str]:
     """Writes the corpus as ``folder/synthetic_000.mid`` ...; returns the paths.
 
@@ -138,8 +144,6 @@ def write_midi_folder(folder: str, n_songs: int = 48, seed: int = 0) -> list[str
     for index in range(n_songs):
         song, _, tempo = synthetic_song(index, seed)
         path = os.path.join(folder, f"synthetic_{index:03d}.mid")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        song.to_midi(tmp, tempo=tempo, verbose=False)
-        os.replace(tmp, path)
+        fileio.atomic_write(path, functools.partial(_write_midi, song, tempo))
         paths.append(path)
     return paths

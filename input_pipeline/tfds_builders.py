@@ -8,7 +8,7 @@
 
 Splits are by song (``records.split_of``: SHA-256 of the id, 90/5/5); a split without any
 song is not written. Each builder takes its songs from, in this order: ``songs=`` (records
-already imported, e.g. by ``input_pipeline.prepare``), or ``source=`` ``"pop909"`` /
+already imported, e.g. by ``phraseldm_jax.cli.prepare``), or ``source=`` ``"pop909"`` /
 ``"midi"`` / ``"synthetic"`` with ``source_dir=`` or TFDS's manual directory
 (``download_config=tfds.download.DownloadConfig(manual_dir=...)``).
 
@@ -266,7 +266,7 @@ def dataset_path(data_dir: str, name: str) -> str:
     if not versions:
         raise FileNotFoundError(
             f"no finished dataset {name!r} under {data_dir} (build it with "
-            f"`python -m input_pipeline.prepare --data_dir {data_dir} ...`)"
+            f"`python -m phraseldm_jax.cli.prepare --data_dir {data_dir} ...`)"
         )
     return max(versions)[1]
 

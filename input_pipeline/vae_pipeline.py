@@ -40,12 +40,14 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 
+from input_pipeline import splits
 from input_pipeline.span_infill import example_rng, span_infill
 from phraseldm_jax.vocab import (
     BOS_ID,
@@ -534,3 +536,34 @@ def make_iterator(
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(ds)
+
+
+def pipeline_options(config: ml_collections.ConfigDict) -> dict:
+    """``make_vae_dataset`` arguments of a training config shared by training and evaluation."""
+    dc = config.data
+    return dict(
+        stage=int(dc.stage),
+        max_length=int(dc.max_length),
+        bucket_lengths=tuple(dc.bucket_lengths) if dc.bucket_lengths else None,
+        seed=int(config.train.seed),
+        read_threads=int(dc.read_threads),
+    )
+
+
+def make_train_iter(config: ml_collections.ConfigDict) -> Callable[[int, int], Any]:
+    """The trainer's ``make_train_iter(process_index, process_count)`` over
+    ``data.train_split`` of a PhraseVAE training config."""
+    source = splits.open_split(config.data, config.data.train_split)
+
+    def make(process_index: int, process_count: int):
+        return make_iterator(
+            source,
+            worker_count=int(config.data.worker_count),
+            batch_size=int(config.data.batch_size),
+            train=True,
+            process_index=process_index,
+            process_count=process_count,
+            **pipeline_options(config),
+        )
+
+    return make

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a training run: the latest k, the best one, and ``load_params``.
+"""Orbax checkpoints of a training run (the latest k, the best one), and the one way to load
+trained parameters and the config of a workdir (``load_trained``, ``read_workdir_config``).
 
 Layout (``<workdir>/checkpoints``)::
 
@@ -11,13 +12,15 @@ to resume exactly (best metric so far, early-stopping counter, last metrics).
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp*`` and renames it when complete;
 step discovery ignores those names, so an interrupted save is never restored (checked by
-SIGKILLing a process in the middle of a 400 MB save; test_checkpointing replays what it left).
+SIGKILLing a process in the middle of a large save, docs/ARCHITECTURE.md; test_checkpointing
+replays what it left).
 The managers also delete such leftovers in the background when they open.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any
 
@@ -26,11 +29,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from phraseldm_jax import optim
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax import fileio, optim
+from phraseldm_jax.errors import CheckpointMismatchError
 
 CHECKPOINTS = "checkpoints"
 WHICH = ("latest", "best")
+CONFIG_JSON = "config.json"  # the resolved config of a workdir (trainer, converter)
 
 
 def checkpoint_dir(workdir: str, which: str = "latest") -> str:
@@ -174,40 +178,87 @@ class CheckpointStore:
         self.best.close()
 
 
-def load_params(
-    workdir: str, which: str = "best", step: int | None = None, target: Any = None
-) -> Any:
-    """The parameters of a finished (or running) training, without optimiser or iterator.
+def finished_steps(workdir: str, which: str) -> list[int]:
+    """Sorted steps of the completed ``which`` checkpoints of ``workdir`` (no manager opened;
+    Orbax's unfinished ``<step>.orbax-checkpoint-tmp*`` folders are not steps)."""
+    directory = checkpoint_dir(workdir, which)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointUsed:
+    """Which checkpoint a load asked for and which it read (they differ after a fallback)."""
+
+    which_asked: str
+    which_used: str
+    step: int
+
+    @property
+    def path(self) -> str:
+        return os.path.join(CHECKPOINTS, self.which_used, str(self.step))
+
+
+def find_checkpoint(
+    workdir: str, which: str = "best", step: int | None = None, exact: bool = False
+) -> CheckpointUsed:
+    """The checkpoint a load of ``which`` reads: its newest step, or ``step``.
+
+    Unless ``exact`` (or a ``step`` is given), a workdir without a ``which`` checkpoint falls
+    back to the other kind (a run without evaluation has no best checkpoint). Raises
+    FileNotFoundError saying what is there.
+    """
+    other = "latest" if which == "best" else "best"
+    steps = finished_steps(workdir, which)
+    if step is not None and step in steps:
+        return CheckpointUsed(which, which, step)
+    if step is None and steps:
+        return CheckpointUsed(which, which, steps[-1])
+    if step is None and not exact and finished_steps(workdir, other):
+        return CheckpointUsed(which, other, finished_steps(workdir, other)[-1])
+    at = "" if step is None else f" at step {step}"
+    hint = f"try which={other!r}" if exact or step is not None else f"no {other} one either"
+    raise FileNotFoundError(
+        f"no {which} checkpoint{at} in {checkpoint_dir(workdir, which)} "
+        f"(steps there: {steps}; {hint})"
+    )
+
+
+def load_trained(
+    workdir: str,
+    which: str = "best",
+    *,
+    step: int | None = None,
+    target: Any = None,
+    exact: bool = False,
+) -> tuple[Any, CheckpointUsed]:
+    """``(params, CheckpointUsed)`` of a finished (or running) training, without optimiser or
+    iterator: the ``which`` checkpoint (``find_checkpoint``: best, else latest), or exactly
+    ``step`` / ``which`` when asked.
 
     Returns host numpy arrays in the saved tree structure, or, when ``target`` (abstract
     params: ShapeDtypeStructs carrying a sharding) is given, jax arrays placed by that
     sharding after checking that the paths and shapes match. For the next VAE stage, the LDM's
-    frozen VAE and sampling.
+    frozen VAE, sampling, evaluation and export.
     """
-    directory = checkpoint_dir(workdir, which)
+    used = find_checkpoint(workdir, which, step, exact)
+    directory = checkpoint_dir(workdir, used.which_used)
     manager = ocp.CheckpointManager(
         directory,
         item_handlers={"state": ocp.PyTreeCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
     try:
-        steps = manager.all_steps()
-        step = max(steps, default=None) if step is None else step
-        if step is None or step not in steps:
-            other = "latest" if which == "best" else "best"
-            raise FileNotFoundError(
-                f"no {which} checkpoint{'' if step is None else f' at step {step}'} in "
-                f"{directory} (steps there: {sorted(steps)}; try which={other!r})"
-            )
-        saved = manager.item_metadata(step)["state"].tree["params"]
+        saved = manager.item_metadata(used.step)["state"].tree["params"]
         if target is None:
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
         else:
-            check_matches(f"{directory}/{step} params", saved, target)
+            check_matches(f"{directory}/{used.step} params", saved, target)
             restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         restored = manager.restore(
-            step,
+            used.step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
                     item={"params": target},
@@ -216,6 +267,40 @@ def load_params(
                 )
             ),
         )
-        return restored["state"]["params"]
+        return restored["state"]["params"], used
     finally:
         manager.close()
+
+
+def load_params(
+    workdir: str, which: str = "best", step: int | None = None, target: Any = None
+) -> Any:
+    """The params of exactly the ``which`` checkpoint (newest, or ``step``); ``load_trained``
+    with ``exact=True``, without the record."""
+    return load_trained(workdir, which, step=step, target=target, exact=True)[0]
+
+
+def read_workdir_config(workdir: str, model_key: str | None = None) -> dict:
+    """``<workdir>/config.json`` (the trainer's resolved config, or a converted model's) as a
+    dict. ``model_key`` (``"t5"``: a PhraseVAE, ``"dit"``: a PhraseLDM) requires a ``model``
+    group holding that entry. Errors name the file."""
+    path = os.path.join(os.fspath(workdir), CONFIG_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
+    config = fileio.read_json(path)
+    model = config.get("model")
+    if model_key is not None and (not isinstance(model, dict) or model_key not in model):
+        raise ValueError(f"{path}: no 'model' group with a {model_key!r} entry")
+    return config
+
+
+def write_workdir_config(workdir: str, config: Any) -> None:
+    """``<workdir>/config.json`` from an ml_collections ConfigDict (or a plain dict), written
+    atomically by process 0; a new start overwrites it whole."""
+    if jax.process_index() != 0:
+        return
+    if hasattr(config, "to_json_best_effort"):
+        text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    else:
+        text = fileio.json_text(config)
+    fileio.write_text(os.path.join(os.fspath(workdir), CONFIG_JSON), text)

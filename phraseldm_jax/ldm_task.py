@@ -22,9 +22,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,7 +33,16 @@ import ml_collections
 import numpy as np
 
 from input_pipeline import latent_records, ldm_pipeline
-from phraseldm_jax import diffusion, ldm, phrases, pretrained, sampler, sharding, trainer
+from phraseldm_jax import (
+    checkpointing,
+    diffusion,
+    ldm,
+    phrases,
+    pretrained,
+    sampler,
+    sharding,
+    trainer,
+)
 from phraseldm_jax import songs as song_lib
 from phraseldm_jax.metrics import ldm as ldm_metrics
 from phraseldm_jax.phrases import SLOTS_PER_BAR
@@ -388,6 +395,16 @@ def make_ldm_task(config: ml_collections.ConfigDict, decoder=None) -> trainer.Ta
     return trainer.Task(name="ldm", init_params=init_params, loss_fn=loss_fn, evaluate=evaluate)
 
 
+def train(config: ml_collections.ConfigDict, workdir: str, decoder=None) -> trainer.TrainResult:
+    """``trainer.run`` in ``workdir`` (resuming if it holds a checkpoint) after resolving the
+    config against the latent dataset. decoder: see ``Evaluator`` (default: the PhraseVAE of
+    ``config.vae.workdir``)."""
+    trainer.maybe_initialize_distributed()  # before the task touches a jax backend
+    resolve_config(config)
+    task = make_ldm_task(config, decoder)
+    return trainer.run(config, workdir, task, ldm_pipeline.make_train_iter(config))
+
+
 # ------------------------------------------------------------------------------------------
 # Scoring a trained checkpoint.
 
@@ -402,8 +419,7 @@ def evaluate_checkpoint(
     """Runs the ``Evaluator`` of a training workdir's config (``eval.*`` replaced by
     ``eval_overrides``) on one of its checkpoints; returns the scalar metrics with timings.
     ``compute_dtype``: sample with the DiT's matmuls in this dtype (None: the config's)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(checkpointing.read_workdir_config(workdir, "dit"))
     config.eval.update({k: v for k, v in eval_overrides.items() if v is not None})
     model = pretrained.load_ldm(workdir, which)
     ldm_cfg = ldm.with_compute_dtype(model.config, compute_dtype)

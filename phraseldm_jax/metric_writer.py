@@ -2,7 +2,7 @@
 
 In ``<workdir>``: ``tensorboard/events.out.tfevents.*`` (scalars, images, text) and
 ``metrics.jsonl`` (one JSON object per ``write`` call: ``{"step": 100, "train/loss": 1.23}``,
-scalars and text only). ``config.json`` holds the resolved config of the latest start.
+scalars and text only). ``config.json`` (the resolved config) is ``checkpointing``'s.
 Other processes of a multi-host run get a writer that does nothing.
 """
 
@@ -11,42 +11,19 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from phraseldm_jax import fileio
+
 METRICS_JSONL = "metrics.jsonl"
-CONFIG_JSON = "config.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file next to ``path``, then renames it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_config(workdir: str, config: Any) -> None:
-    """``<workdir>/config.json`` from an ml_collections ConfigDict (or a plain dict); process 0."""
-    if jax.process_index() != 0:
-        return
-    if hasattr(config, "to_json_best_effort"):
-        text = config.to_json_best_effort(indent=2, sort_keys=True)
-    else:
-        text = json.dumps(config, indent=2, sort_keys=True, default=str)
-    write_text_atomic(os.path.join(os.fspath(workdir), CONFIG_JSON), text + "\n")
+# Kept for the callers not yet switched to ``fileio.write_text`` (ldm_task, benchmarks).
 
 
 def is_image(value: Any) -> bool:
@@ -98,7 +75,7 @@ class MetricWriter:
             lines = [line for line in f if line.strip()]
         kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         if len(kept) != len(lines):
-            write_text_atomic(self.jsonl_path, "".join(kept))
+            fileio.write_text(self.jsonl_path, "".join(kept))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Logs every entry: numbers as scalars, image arrays as images, strings as text."""

@@ -10,11 +10,10 @@ loaded, or the other one when it has none (a run without evaluation has no best 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
-from phraseldm_jax import checkpointing, decoding
+from phraseldm_jax import checkpointing, decoding, fileio
 from phraseldm_jax import vae as vae_lib
 from phraseldm_jax.convert import api, ldm_weights
 from phraseldm_jax.ldm import PhraseLDMConfig
@@ -35,6 +34,7 @@ class LoadedLDM:
     format: str
     vae_workdir: str
     default_clip: str
+    checkpoint: checkpointing.CheckpointUsed | None = None  # None for an original folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,26 +46,7 @@ class LoadedVAE:
     params: Any
     max_length: int
     source: str
-
-
-def read_json(path: str) -> dict:
-    """A JSON file as a dict; a missing file or bad JSON is an error that names the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-
-
-def load_checkpoint_params(workdir: str, which: str = "best") -> tuple[Any, str]:
-    """(params, the checkpoint actually loaded): ``which``, else the other one."""
-    try:
-        return checkpointing.load_params(workdir, which), which
-    except FileNotFoundError:
-        other = "latest" if which == "best" else "best"
-        return checkpointing.load_params(workdir, other), other
+    checkpoint: checkpointing.CheckpointUsed | None = None  # None for an original folder
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,13 +66,11 @@ def _checkpoint_format(path: str) -> str:
 
 def read_ldm_config(path: str) -> PhraseLDMConfig:
     """The model config of a checkpoint folder, without loading weights (cheap)."""
-    fmt = _checkpoint_format(path)
-    config = read_json(os.path.join(path, "config.json"))
-    if fmt == "original":
-        return ldm_weights.ldm_config_from_hf_config(config)
-    model = config.get("model")
-    if not isinstance(model, dict) or "dit" not in model:
-        raise ValueError(f"{path}/config.json has no PhraseLDM 'model' group")
+    if _checkpoint_format(path) == "original":
+        return ldm_weights.ldm_config_from_hf_config(
+            fileio.read_json(os.path.join(path, "config.json"))
+        )
+    model = checkpointing.read_workdir_config(path, "dit")["model"]
     if model.get("scale_factor", 0) <= 0 or model.get("clip_range", 0) <= 0:
         raise ValueError(f"{path}/config.json: model.scale_factor / clip_range not resolved")
     return PhraseLDMConfig(**model)
@@ -105,26 +84,15 @@ def load_ldm(path: str, which: str = "best") -> LoadedLDM:
         model = api.import_phrase_ldm(path)
         return LoadedLDM(model.config, model.params, fmt, "", "reference")
     config = read_ldm_config(path)
-    params, _ = load_checkpoint_params(path, which)
-    workdir_config = read_json(os.path.join(path, "config.json"))
+    params, used = checkpointing.load_trained(path, which)
+    workdir_config = checkpointing.read_workdir_config(path)
     vae = workdir_config.get("vae", {}).get("workdir", "")
     clip = "reference" if workdir_config.get("converted_from") else "scaled"  # original weights
-    return LoadedLDM(config, params, fmt, vae or "", clip)
+    return LoadedLDM(config, params, fmt, vae or "", clip, used)
 
 
 # ------------------------------------------------------------------------------------------
 # PhraseVAE.
-
-
-def read_vae_workdir_config(workdir: str) -> dict:
-    """``<workdir>/config.json`` (written by the trainer) of a PhraseVAE workdir, as a dict."""
-    path = os.path.join(os.fspath(workdir), "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a PhraseVAE training workdir")
-    config = read_json(path)
-    if not isinstance(config.get("model"), dict) or "t5" not in config["model"]:
-        raise ValueError(f"{path}: no PhraseVAE 'model' group with a 't5' entry")
-    return config
 
 
 def load_vae(path: str, which: str = "best") -> LoadedVAE:
@@ -133,8 +101,9 @@ def load_vae(path: str, which: str = "best") -> LoadedVAE:
     if api.is_original_folder(path):
         model = api.import_phrase_vae(path)
         return LoadedVAE(model.config, model.params, decoding.DEFAULT_MAX_LENGTH, str(path))
-    config = read_vae_workdir_config(path)
-    params, loaded = load_checkpoint_params(path, which)
+    config = checkpointing.read_workdir_config(path, "t5")
+    params, used = checkpointing.load_trained(path, which)
     max_length = int(config.get("data", {}).get("max_length", decoding.DEFAULT_MAX_LENGTH))
-    source = f"checkpoint {checkpointing.checkpoint_dir(path, loaded)}"
-    return LoadedVAE(vae_lib.PhraseVAEConfig(**config["model"]), params, max_length, source)
+    source = f"checkpoint {os.path.join(path, used.path)}"
+    model_config = vae_lib.PhraseVAEConfig(**config["model"])
+    return LoadedVAE(model_config, params, max_length, source, used)

@@ -18,8 +18,7 @@ from typing import Protocol
 import mido
 import numpy as np
 
-from phraseldm_jax import phrases
-from phraseldm_jax.convert.safetensors_io import write_atomically
+from phraseldm_jax import fileio, phrases
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.vocab import SEP_ID
@@ -186,7 +185,7 @@ def write_midi(
         if keep_silent_bars:
             _extend_to_last_bar(tmp, multitrack)
 
-    write_atomically(path, write)
+    fileio.atomic_write(path, write)
 
 
 def notes_only(text: str) -> str:

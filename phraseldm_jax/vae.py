@@ -28,6 +28,8 @@ from phraseldm_jax import t5 as t5_lib
 from phraseldm_jax.vocab import IGNORE_LABEL
 
 HEADS = ("full_sequence", "query", "vae")
+# The head each training stage trains (SPEC section 4): span infill, query autoencoder, VAE.
+STAGE_HEADS = {1: "full_sequence", 2: "query", 3: "vae"}
 
 
 @dataclasses.dataclass(frozen=True)

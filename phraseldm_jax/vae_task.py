@@ -1,4 +1,4 @@
-"""The PhraseVAE training task: data, init from the previous stage, loss and evaluation.
+"""The PhraseVAE training task: init from the previous stage, loss and evaluation.
 
 ``vae_task(config)`` gives the ``trainer.Task`` of one stage (SPEC section 4, FACTS 1):
 
@@ -11,7 +11,7 @@
   once (filler rows weighted out), then F1op / F1opd / F1iopd of greedy reconstructions
   (posterior mean in stage 3) scoring every decoded record, and a few reconstructions as text.
 
-``make_train_iter(config)`` is the trainer's ``make_train_iter``; ``evaluate_checkpoint`` scores
+The data (splits, the training iterator) is ``input_pipeline``'s; ``evaluate_checkpoint`` scores
 a finished run on any split; ``train_and_test`` is what ``train_vae.py`` runs (training, then the
 best checkpoint on the test split, written to ``test_metrics.json``).
 """
@@ -19,7 +19,6 @@ best checkpoint on the test split, written to ``test_metrics.json``).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,107 +30,25 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from input_pipeline import records, synthetic, tfds_builders, vae_pipeline
-from phraseldm_jax import checkpointing, decoding, metric_writer, sharding, trainer
+from input_pipeline import splits, vae_pipeline
+from phraseldm_jax import checkpointing, decoding, fileio, metric_writer, sharding, trainer
 from phraseldm_jax import vae as vae_lib
 from phraseldm_jax.metrics import f1 as f1_lib
 from phraseldm_jax.vocab import EOS_ID, IGNORE_LABEL, PHRASE_VOCAB
 
 TEST_METRICS = "test_metrics.json"
-STAGE_HEADS = {1: "full_sequence", 2: "query", 3: "vae"}
 
 
 def model_config(config: ml_collections.ConfigDict) -> vae_lib.PhraseVAEConfig:
     """``PhraseVAEConfig(**config.model)``, checked against ``config.data.stage``."""
     model = vae_lib.PhraseVAEConfig(**config.model)
     stage = int(config.data.stage)
-    if STAGE_HEADS.get(stage) != model.head:
+    if vae_lib.STAGE_HEADS.get(stage) != model.head:
         raise ValueError(
-            f"config.data.stage={stage} needs config.model.head={STAGE_HEADS.get(stage)!r}, "
+            f"config.data.stage={stage} needs config.model.head={vae_lib.STAGE_HEADS.get(stage)!r}, "
             f"got {model.head!r}"
         )
     return model
-
-
-# ----------------------------------------------------------------------------------------
-# Data.
-
-
-@functools.lru_cache(maxsize=8)
-def _synthetic_split(name: str, split: str, n_songs: int) -> tuple[dict, ...]:
-    songs = [
-        s for s in synthetic.synthetic_records(n_songs) if records.split_of(s["song_id"]) == split
-    ]
-    if not songs:
-        raise ValueError(f"the synthetic corpus of {n_songs} songs has no {split!r} songs")
-    if name == "songs":
-        return tuple(songs)
-    lines = {"phrases": records.phrase_lines, "bars": records.bar_lines}[name]
-    return tuple(line for song in songs for line in lines(song))
-
-
-def open_split(data_config: ml_collections.ConfigDict, split: str, name: str | None = None):
-    """Random-access records of ``split`` of dataset ``name`` (default ``data.dataset``).
-
-    ``data.data_dir`` names a folder built by ``input_pipeline.prepare``; empty means the
-    synthetic corpus of ``data.n_synthetic_songs`` songs, built in memory.
-    """
-    name = name or data_config.dataset
-    if name not in tfds_builders.DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {tfds_builders.DATASET_NAMES}")
-    if data_config.data_dir:
-        return tfds_builders.open_source(data_config.data_dir, name, split)
-    return _synthetic_split(name, split, int(data_config.n_synthetic_songs))
-
-
-def pipeline_options(config: ml_collections.ConfigDict) -> dict:
-    """``make_vae_dataset`` arguments shared by training and evaluation."""
-    dc = config.data
-    return dict(
-        stage=int(dc.stage),
-        max_length=int(dc.max_length),
-        bucket_lengths=tuple(dc.bucket_lengths) if dc.bucket_lengths else None,
-        seed=int(config.train.seed),
-        read_threads=int(dc.read_threads),
-    )
-
-
-def make_train_iter(config: ml_collections.ConfigDict) -> Callable[[int, int], Any]:
-    """``make_train_iter(process_index, process_count)`` over ``data.train_split``."""
-    source = open_split(config.data, config.data.train_split)
-
-    def make(process_index: int, process_count: int):
-        return vae_pipeline.make_iterator(
-            source,
-            worker_count=int(config.data.worker_count),
-            batch_size=int(config.data.batch_size),
-            train=True,
-            process_index=process_index,
-            process_count=process_count,
-            **pipeline_options(config),
-        )
-
-    return make
-
-
-class Subset:
-    """Records ``indices`` of a source, as a source (random access, ``len``)."""
-
-    def __init__(self, source, indices: np.ndarray):
-        self._source, self._indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, index: int):
-        return self._source[int(self._indices[index])]
-
-
-def spread_indices(n: int, limit: int) -> np.ndarray:
-    """``limit`` indices evenly spread over ``range(n)`` (all of them when limit <= 0 or >= n)."""
-    if limit <= 0 or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,7 +61,7 @@ def load_previous_t5(workdir: str, which: str, target_t5: Any) -> Any:
     Raises CheckpointMismatchError (missing/unexpected paths, shapes) when the previous stage
     had another T5 size.
     """
-    params = checkpointing.load_params(workdir, which)
+    params, _ = checkpointing.load_trained(workdir, which, exact=True)
     if "t5" not in params:
         raise ValueError(
             f"{workdir} ({which}): the checkpoint has no 't5' params: {sorted(params)}"
@@ -326,10 +243,10 @@ class Evaluator:
         self.model_config = model_config(config)
         self.ec = config.eval
         self.kl_weight = float(config.train.kl_weight)
-        source = open_split(config.data, split)
+        source = splits.open_split(config.data, split)
         self.split = split
-        self.source = Subset(source, spread_indices(len(source), int(max_examples)))
-        self.f1_records = spread_indices(len(self.source), int(max_f1_examples))
+        self.source = splits.Subset(source, splits.spread_indices(len(source), int(max_examples)))
+        self.f1_records = splits.spread_indices(len(self.source), int(max_f1_examples))
         self.mesh = sharding.make_mesh(config.mesh)
         n_devices = self.mesh.devices.size
         if int(self.ec.batch_size) % n_devices:
@@ -350,7 +267,7 @@ class Evaluator:
                 train=False,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
-                **pipeline_options(self.config),
+                **vae_pipeline.pipeline_options(self.config),
             )
             self._batches = list(iterator)
         return self._batches
@@ -471,31 +388,16 @@ def vae_task(config: ml_collections.ConfigDict) -> trainer.Task:
     )
 
 
-def checkpoint_step(workdir: str, which: str) -> int | None:
-    """Newest finished step of the ``which`` checkpoints of ``workdir`` (None if none)."""
-    directory = checkpointing.checkpoint_dir(workdir, which)
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-    return max(steps, default=None)
-
-
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, split: str, which: str = "best"
 ) -> dict[str, Any]:
     """Metrics of ``workdir``'s ``which`` checkpoint (``latest`` if it has no best) on
     every record of ``split``; includes ``checkpoint`` and ``checkpoint_step``."""
-    if checkpoint_step(workdir, which) is None:
-        which = "latest" if which == "best" else "best"
-    step = checkpoint_step(workdir, which)
-    if step is None:
-        raise FileNotFoundError(f"{workdir} has no checkpoint to evaluate")
+    params, used = checkpointing.load_trained(workdir, which)
     evaluator = Evaluator(config, split, max_examples=0, max_f1_examples=0)
-    params = jax.device_put(
-        checkpointing.load_params(workdir, which, step), sharding.replicated(evaluator.mesh)
-    )
-    metrics = evaluator(params, step)
-    metrics.update(split=split, checkpoint=which, checkpoint_step=step)
+    params = jax.device_put(params, sharding.replicated(evaluator.mesh))
+    metrics = evaluator(params, used.step)
+    metrics.update(split=split, checkpoint=used.which_used, checkpoint_step=used.step)
     return metrics
 
 
@@ -504,9 +406,9 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     checkpoint's metrics on ``eval.test_split``, with the training wall time and steps per
     second; written to ``<workdir>/test_metrics.json`` and returned."""
     trainer.maybe_initialize_distributed()
-    first_step = checkpoint_step(workdir, "latest") or 0
+    first_step = max(checkpointing.finished_steps(workdir, "latest"), default=0)
     start = time.time()
-    result = trainer.run(config, workdir, vae_task(config), make_train_iter(config))
+    result = trainer.run(config, workdir, vae_task(config), vae_pipeline.make_train_iter(config))
     train_seconds = time.time() - start
     eval_seconds = 0.0
     if jax.process_index() == 0:
@@ -527,8 +429,7 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         / max(train_seconds - eval_seconds, 1e-9),
     }
     if jax.process_index() == 0:
-        text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-        metric_writer.write_text_atomic(os.path.join(workdir, TEST_METRICS), text)
+        fileio.write_json(os.path.join(workdir, TEST_METRICS), summary)
     return summary
 
 

@@ -126,10 +126,10 @@ def save_workdir(workdir, config, params, which: str = "best", step: int = 1) ->
     whose state holds ``params`` (enough for ``checkpointing.load_params``)."""
     import grain
 
-    from phraseldm_jax import checkpointing, metric_writer, trainer
+    from phraseldm_jax import checkpointing, trainer
 
     workdir = str(workdir)
-    metric_writer.write_config(workdir, config)
+    checkpointing.write_workdir_config(workdir, config)
     store = checkpointing.CheckpointStore(workdir)
     data = iter(grain.MapDataset.source([0]).to_iter_dataset())
     store.save(which, step, {"params": params}, data, trainer.fresh_progress())

@@ -1,11 +1,13 @@
 """Orbax checkpoint store: round trip across meshes with the Grain iterator, keep-last-k,
 best checkpoints, interrupted saves, clear mismatch errors and ``load_params``."""
 
+import json
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -13,7 +15,7 @@ import toy_training as toy
 from jax.sharding import PartitionSpec as P
 
 from phraseldm_jax import checkpointing, optim, sharding, trainer
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 
 MIN_SIZE = 256
 
@@ -205,6 +207,64 @@ def test_load_params_without_checkpoint_says_where_it_looked(tmp_path):
         checkpointing.load_params(tmp_path, "best")
     with pytest.raises(ValueError, match="which='newest'"):
         checkpointing.load_params(tmp_path, "newest")
+
+
+def test_load_trained_best_else_latest_and_says_what_it_used(tmp_path):
+    state = make_state()
+    store = checkpointing.CheckpointStore(tmp_path)
+    store.save("latest", 3, state, make_iter(), {})
+    store.save("latest", 7, state, make_iter(), {})
+    store.wait_until_finished()
+    os.makedirs(
+        os.path.join(checkpointing.checkpoint_dir(tmp_path, "latest"), "9.orbax-checkpoint-tmp-1")
+    )
+    assert checkpointing.finished_steps(tmp_path, "latest") == [3, 7]
+    assert checkpointing.finished_steps(tmp_path, "best") == []
+
+    params, used = checkpointing.load_trained(tmp_path)  # no best one: the latest
+    assert_trees_equal(params, state.params)
+    assert used == checkpointing.CheckpointUsed("best", "latest", 7)
+    assert used.path == os.path.join("checkpoints", "latest", "7")
+    with pytest.raises(FileNotFoundError, match="no best checkpoint.*try which='latest'"):
+        checkpointing.load_trained(tmp_path, "best", exact=True)
+    _, used = checkpointing.load_trained(tmp_path, "latest", step=3)
+    assert used == checkpointing.CheckpointUsed("latest", "latest", 3)
+    with pytest.raises(FileNotFoundError, match="at step 5.*steps there: \\[3, 7\\]"):
+        checkpointing.load_trained(tmp_path, "latest", step=5)
+
+    store.save("best", 3, state, make_iter(), {})
+    store.wait_until_finished()
+    store.close()
+    assert checkpointing.find_checkpoint(tmp_path) == checkpointing.CheckpointUsed(
+        "best", "best", 3
+    )
+    assert checkpointing.find_checkpoint(tmp_path, "latest").step == 7
+    with pytest.raises(FileNotFoundError, match="no latest one either"):
+        checkpointing.find_checkpoint(tmp_path / "empty")
+
+
+def test_config_json_is_the_resolved_config(tmp_path):
+    config = ml_collections.ConfigDict({"optim": {"lr": 1e-4, "freeze": ["sec_encoder"]}})
+    checkpointing.write_workdir_config(tmp_path, config)
+    config.optim.lr = 5e-4
+    checkpointing.write_workdir_config(tmp_path, config)  # a new start overwrites it whole
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "optim": {"lr": 5e-4, "freeze": ["sec_encoder"]}
+    }
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary files left behind
+    assert checkpointing.read_workdir_config(tmp_path) == config.to_dict()
+
+
+def test_read_workdir_config_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found: .* not a training"):
+        checkpointing.read_workdir_config(tmp_path)
+    checkpointing.write_workdir_config(tmp_path, {"model": {"dit": {}}})
+    assert checkpointing.read_workdir_config(tmp_path, "dit")["model"] == {"dit": {}}
+    with pytest.raises(ValueError, match="config.json: no 'model' group with a 't5' entry"):
+        checkpointing.read_workdir_config(tmp_path, "t5")
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        checkpointing.read_workdir_config(tmp_path)
 
 
 def test_optimizer_state_paths_are_stable_strings():

@@ -1,4 +1,4 @@
-"""``python -m phraseldm_jax.convert`` import / export round trips, and sample.py reading
+"""``python -m phraseldm_jax.cli.convert`` import / export round trips, and sample.py reading
 original-layout folders and converted workdirs (no torch needed: the original-layout folders
 are written by our exporter, which the cross-checks compare with PyTorch's files)."""
 
@@ -13,7 +13,7 @@ import numpy as np
 
 import sample
 from phraseldm_jax import checkpointing, ldm, pretrained, sections, vae, vae_inference
-from phraseldm_jax.convert import __main__ as cli
+from phraseldm_jax.cli import convert as cli
 from phraseldm_jax.convert import api, ldm_weights, safetensors_io
 from phraseldm_jax.dit import DiTConfig
 

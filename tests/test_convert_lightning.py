@@ -15,7 +15,7 @@ pytest.importorskip("diffusers", reason="the references need the torch extra")
 
 import torch_reference as ref  # noqa: E402
 
-from phraseldm_jax.convert import __main__ as cli  # noqa: E402
+from phraseldm_jax.cli import convert as cli  # noqa: E402
 from phraseldm_jax.convert import api, lightning  # noqa: E402
 
 pytestmark = pytest.mark.torch

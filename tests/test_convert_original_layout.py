@@ -16,8 +16,8 @@ import pytest
 
 from phraseldm_jax import checkpointing, ldm, sections, t5, vae
 from phraseldm_jax.convert import api, ldm_weights, original_layout, safetensors_io
-from phraseldm_jax.convert.errors import CheckpointMismatchError
 from phraseldm_jax.dit import DiTConfig
+from phraseldm_jax.errors import CheckpointMismatchError
 
 TINY_T5 = t5.T5Config(d_model=16, d_ff=24, d_kv=6, num_heads=2, num_layers=2, num_decoder_layers=3)
 TINY_VAE = vae.PhraseVAEConfig(t5=TINY_T5, head="vae", n_query_tokens=4, latent_dim=8)

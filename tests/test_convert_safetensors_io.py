@@ -56,19 +56,3 @@ def test_bad_input_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="non-empty strings"):
         safetensors_io.write_safetensors(tmp_path / "m.safetensors", {"": np.zeros(1)})
     assert sorted(os.listdir(tmp_path)) == ["corrupt.safetensors"]
-
-
-def test_text_is_written_atomically(tmp_path):
-    path = tmp_path / "sub" / "config.json"
-    safetensors_io.write_text_atomically(path, '{"a": 1}\n')
-    assert path.read_text() == '{"a": 1}\n'
-
-    def failing(tmp):
-        with open(tmp, "w") as f:
-            f.write("partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        safetensors_io.write_atomically(path, failing)
-    assert path.read_text() == '{"a": 1}\n'
-    assert os.listdir(path.parent) == ["config.json"]

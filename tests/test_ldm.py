@@ -12,8 +12,8 @@ import pytest
 
 from phraseldm_jax import ldm, optim
 from phraseldm_jax.convert import ldm_weights
-from phraseldm_jax.convert.errors import CheckpointMismatchError
 from phraseldm_jax.dit import DiTConfig
+from phraseldm_jax.errors import CheckpointMismatchError
 
 TINY_DIT = {
     "sample_size": 16,

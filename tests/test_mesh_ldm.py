@@ -1,4 +1,4 @@
-"""PhraseLDM on device meshes, through its real task (``ldm_task``) and ``train_ldm.train``.
+"""PhraseLDM on device meshes, through its real task (``ldm_task``) and ``ldm_task.train``.
 
 The model is the tiny length- and section-conditioned one (every module: DiT, length and
 section encoders), on 16-bar songs.
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import train_ldm
+from input_pipeline import ldm_pipeline
 from phraseldm_jax import (
     checkpointing,
     diffusion,
@@ -89,16 +89,17 @@ def truncate_to(source, target, step: int) -> str:
 def straight(latent_dir, tmp_path_factory):
     """4 uninterrupted steps on (2, 4), checkpoints at 2 and 4: (workdir, final params)."""
     workdir = str(tmp_path_factory.mktemp("ldm_straight"))
-    assert train_ldm.train(config_on(latent_dir, 2, 4), workdir).step == STEPS
+    assert ldm_task.train(config_on(latent_dir, 2, 4), workdir).step == STEPS
     return workdir, checkpointing.load_params(workdir, "latest")
 
 
 ONE_DEVICE = """
 import sys, jax
-import test_mesh_ldm as t, train_ldm
+import test_mesh_ldm as t
+from phraseldm_jax import ldm_task
 assert jax.device_count() == 1, jax.devices()
 for workdir in sys.argv[2:]:
-    assert train_ldm.train(t.config_on(sys.argv[1], 1, 1), workdir).step == t.STEPS
+    assert ldm_task.train(t.config_on(sys.argv[1], 1, 1), workdir).step == t.STEPS
 """
 
 
@@ -134,7 +135,7 @@ def test_2x4_mesh_trains_like_one_device(straight, one_device):
 @pytest.mark.parametrize("data, fsdp", [(2, 4), (8, 1)])
 def test_checkpoint_from_2x4_continues_on_another_mesh(latent_dir, straight, tmp_path, data, fsdp):
     workdir = truncate_to(straight[0], tmp_path / "run", 2)
-    assert train_ldm.train(config_on(latent_dir, data, fsdp), workdir).step == STEPS
+    assert ldm_task.train(config_on(latent_dir, data, fsdp), workdir).step == STEPS
     diff = mh.max_abs_diff(checkpointing.load_params(workdir, "latest"), straight[1])
     print(f"restored on ({data}, {fsdp}), trained on: max |param diff| {diff:.3g}")
     assert diff <= 1e-5
@@ -159,7 +160,7 @@ def _resolved(config):
 def test_big_kernels_and_their_adam_moments_are_sharded_over_fsdp(latent_dir):
     config = _resolved(config_on(latent_dir, 2, 4))
     task = ldm_task.make_ldm_task(config)
-    example = next(train_ldm.make_train_iter(config, 0, 1))
+    example = next(ldm_pipeline.make_train_iter(config)(0, 1))
     tx, _ = optim.make_optimizer(config.optim, STEPS)
     init_fn = functools.partial(trainer.init_train_state, task, tx, 0)
     mesh = mh.mesh(2, 4)
@@ -198,7 +199,7 @@ def _loss_grad(loss_fn):
 
 def test_remat_gives_the_same_gradients(latent_dir):
     config = _resolved(config_on(latent_dir, 1, 1))
-    batch = next(train_ldm.make_train_iter(config, 0, 1))
+    batch = next(ldm_pipeline.make_train_iter(config)(0, 1))
     params = ldm.init_params(jax.random.PRNGKey(0), ldm_task.ldm_config(config))
     grads, jaxprs = [], []
     for remat in (False, True):
@@ -234,7 +235,7 @@ def fixed_noise_task(config) -> trainer.Task:
 def test_grad_accumulation_equals_the_full_batch(latent_dir):
     config = _resolved(config_on(latent_dir, 2, 2))
     config.data.batch_size = 32
-    batch = dict(next(train_ldm.make_train_iter(config, 0, 1)))
+    batch = dict(next(ldm_pipeline.make_train_iter(config)(0, 1)))
     rng = np.random.default_rng(0)
     batch["t"] = rng.integers(0, 1000, size=32).astype(np.int32)
     batch["noise"] = rng.normal(size=batch["latents"].shape).astype(np.float32)
@@ -273,10 +274,11 @@ def test_sampling_split_over_a_2x4_mesh_matches_one_device(latent_dir, straight)
 
 TWO_PROCESSES = """
 import sys, jax
-import ldm_fixtures, test_mesh_ldm as t, train_ldm
+import ldm_fixtures, test_mesh_ldm as t
+from phraseldm_jax import ldm_task
 latent_dir, workdir = sys.argv[1:]
 config = t.two_process_config(latent_dir)
-result = train_ldm.train(config, workdir, decoder=ldm_fixtures.Codebook())
+result = ldm_task.train(config, workdir, decoder=ldm_fixtures.Codebook())
 assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 4, 8)
 assert result.step == 2 and result.best_step == 2
 print("process", jax.process_index(), "done")
@@ -302,7 +304,7 @@ def test_two_processes_train_like_one(latent_dir, tmp_path):
 
     def make_iter(process_index, process_count):
         assert (process_index, process_count) == (0, 1)
-        return mh.ProcessShards([train_ldm.make_train_iter(config, i, 2) for i in range(2)])
+        return mh.ProcessShards([ldm_pipeline.make_train_iter(config)(i, 2) for i in range(2)])
 
     task = ldm_task.make_ldm_task(config, decoder=ldm_fixtures.Codebook())
     trainer.run(config, reference, task, make_iter)

@@ -22,6 +22,7 @@ import pytest
 import vae_fixtures as fx
 from jax.sharding import PartitionSpec as P
 
+from input_pipeline import vae_pipeline
 from phraseldm_jax import checkpointing, metric_writer, optim, sharding, trainer, vae_task
 from phraseldm_jax.vae_inference import PhraseVAEModel
 
@@ -129,7 +130,7 @@ def test_checkpoint_from_2x4_continues_on_one_device(straight, one_device):
 def test_big_kernels_and_their_adam_moments_are_sharded_over_fsdp():
     config = config_on(2, 4)
     task = vae_task.vae_task(config)
-    example = next(vae_task.make_train_iter(config)(0, 1))
+    example = next(vae_pipeline.make_train_iter(config)(0, 1))
     tx, _ = optim.make_optimizer(config.optim, STEPS)
     init_fn = functools.partial(trainer.init_train_state, task, tx, 0)
     mesh = mh.mesh(2, 4)
@@ -171,7 +172,7 @@ def _grads(config, params, batch):
 
 def test_remat_gives_the_same_gradients():
     config = config_on(1, 1)
-    batch = next(vae_task.make_train_iter(config)(0, 1))
+    batch = next(vae_pipeline.make_train_iter(config)(0, 1))
     params = vae_task.make_init_params(config)(jax.random.PRNGKey(0), batch)
     plain, plain_jaxpr = _grads(config, params, batch)
     config.model.t5.remat = True
@@ -186,7 +187,7 @@ def equal_token_batch(config, groups: int = 4, per_group: int = 4) -> dict:
     target tokens, so the token-mean loss of the full batch is the mean of the micro-batch
     losses."""
     rows_by_length: dict[int, list] = {}
-    iterator = vae_task.make_train_iter(config)(0, 1)
+    iterator = vae_pipeline.make_train_iter(config)(0, 1)
     while sum(len(v) >= per_group for v in rows_by_length.values()) < groups:
         batch = next(iterator)
         for i, n in enumerate((batch["labels"] != -100).sum(1)):
@@ -265,13 +266,13 @@ def test_two_processes_train_evaluate_and_test_like_one(tmp_path, monkeypatch):
     assert [f"process {i} done" in out for i, out in enumerate(outputs)] == [True, True]
 
     reference = str(tmp_path / "one_process")
-    make_train_iter = vae_task.make_train_iter
+    make_train_iter = vae_pipeline.make_train_iter
 
     def both_shards(config):
         factory = make_train_iter(config)
         return lambda index, count: mh.ProcessShards([factory(i, 2) for i in range(2)])
 
-    monkeypatch.setattr(vae_task, "make_train_iter", both_shards)
+    monkeypatch.setattr(vae_pipeline, "make_train_iter", both_shards)
     vae_task.train_and_test(two_process_config(), reference)
     for which in ("latest", "best"):
         two, one = (checkpointing.load_params(w, which) for w in (workdir, reference))

@@ -1,9 +1,7 @@
 """MetricWriter: JSONL rows, resume truncation, other processes silent, config.json."""
 
-import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -53,14 +51,3 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer.flush()
     writer.close()
     assert not (tmp_path / "run").exists()
-
-
-def test_config_json_is_the_resolved_config(tmp_path):
-    config = ml_collections.ConfigDict({"optim": {"lr": 1e-4, "freeze": ["sec_encoder"]}})
-    metric_writer.write_config(tmp_path, config)
-    config.optim.lr = 5e-4
-    metric_writer.write_config(tmp_path, config)  # a new start overwrites it whole
-    assert json.loads((tmp_path / "config.json").read_text()) == {
-        "optim": {"lr": 5e-4, "freeze": ["sec_encoder"]}
-    }
-    assert os.listdir(tmp_path) == ["config.json"]  # no temporary files left behind

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import vae_fixtures as fx
 
-import train_ldm
+from input_pipeline import ldm_pipeline, vae_pipeline
 from phraseldm_jax import ldm_task, optim, trainer, vae_task
 
 STEPS = 5
@@ -37,7 +37,7 @@ def ldm_setup(latent_dir, dtype):
     config.model.dit.dtype = dtype
     ldm_task.resolve_config(config)
     task = ldm_task.make_ldm_task(config)
-    iterator = train_ldm.make_train_iter(config, 0, 1)
+    iterator = ldm_pipeline.make_train_iter(config)(0, 1)
     return config, task, [next(iterator) for _ in range(STEPS)]
 
 
@@ -45,7 +45,7 @@ def vae_setup(dtype):
     config = fx.tiny_config(3)
     config.model.t5.dtype = dtype
     config.data.batch_size = 16
-    iterator = vae_task.make_train_iter(config)(0, 1)
+    iterator = vae_pipeline.make_train_iter(config)(0, 1)
     return config, vae_task.vae_task(config), [next(iterator) for _ in range(STEPS)]
 
 

@@ -3,6 +3,7 @@ and the prepare command."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -19,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from input_pipeline import prepare, records, synthetic, tfds_builders
 from phraseldm_jax import phrases
+from phraseldm_jax.cli import prepare as cli_prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,9 +257,10 @@ def test_overwrite_rebuilds_and_plain_build_keeps(tmp_path):
 
 def test_prepare_command_on_the_synthetic_corpus(tmp_path, capsys):
     data_dir = str(tmp_path)
-    summary = prepare.main(["--source", "synthetic", "--data_dir", data_dir, "--n_songs", "48"])
+    argv = ["--source", "synthetic", "--data_dir", data_dir, "--n_songs", "48"]
+    assert cli_prepare.main(argv) == 0
     saved = json.load(open(os.path.join(data_dir, prepare.SUMMARY_FILE)))
-    assert saved == json.loads(json.dumps(summary))
+    assert saved["command"] == " ".join(["python -m phraseldm_jax.cli.prepare", *argv])
     songs = synthetic.synthetic_records(48)
     assert saved["songs"] == 48 and saved["rejected"] == 0
     assert saved["songs_fitting_plan"] == 48
@@ -272,8 +275,20 @@ def test_prepare_command_on_the_synthetic_corpus(tmp_path, capsys):
     assert saved["phrase_tokens"]["p50"] == int(np.percentile(lengths, 50))
     out = capsys.readouterr().out
     assert "songs imported: 48" in out and "section plans: 48 of 48" in out
-    with pytest.raises(SystemExit, match="--overwrite"):
-        prepare.main(["--source", "synthetic", "--data_dir", data_dir])
+    assert cli_prepare.main(["--source", "synthetic", "--data_dir", data_dir]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_prepare_build_returns_what_it_saves(tmp_path):
+    args = argparse.Namespace(
+        source="synthetic", input=None, data_dir=str(tmp_path), workers=1, overwrite=False,
+        limit=None, n_songs=12, seed=0,
+    )  # fmt: skip
+    summary = prepare.build(args, command="test")
+    saved = json.load(open(os.path.join(tmp_path, prepare.SUMMARY_FILE)))
+    assert saved == json.loads(json.dumps(summary)) and saved["command"] == "test"
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare.build(args, command="test")
 
 
 def test_summary_groups_reasons():

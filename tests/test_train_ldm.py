@@ -12,7 +12,6 @@ import ldm_fixtures
 import numpy as np
 import pytest
 
-import train_ldm
 from configs import ldm_lencond, ldm_seccond, ldm_uncond
 from phraseldm_jax import checkpointing, ldm, ldm_task, metric_writer, trees
 
@@ -100,7 +99,7 @@ def test_command_line_run_and_resume(latent_dir, tmp_path):
             if step.isdigit() and int(step) > 3:
                 shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(split, which), step))
     assert checkpointing.CheckpointStore(split).latest_step() == 3
-    result = train_ldm.train(_config(latent_dir), split)
+    result = ldm_task.train(_config(latent_dir), split)
     assert result.step == 6
 
     for which in ("latest", "best"):

@@ -12,7 +12,8 @@ import pytest
 import toy_training
 import vae_fixtures as fx
 
-from phraseldm_jax import metric_writer, vae_task
+from input_pipeline import vae_pipeline
+from phraseldm_jax import checkpointing, metric_writer, vae_task
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -73,17 +74,17 @@ def test_the_script_trains_and_writes_test_metrics(straight):
 
 def test_crashed_run_resumes_to_the_same_parameters(straight, tmp_path, monkeypatch):
     workdir = str(tmp_path / "crashed")
-    make_train_iter = vae_task.make_train_iter
+    make_train_iter = vae_pipeline.make_train_iter
 
     def crashing(config):
         factory = make_train_iter(config)
         return lambda index, count: toy_training.CrashingIterator(factory(index, count), 4)
 
-    monkeypatch.setattr(vae_task, "make_train_iter", crashing)
+    monkeypatch.setattr(vae_pipeline, "make_train_iter", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         vae_task.train_and_test(_config(), workdir)  # dies in step 5; checkpoint at step 3
-    assert vae_task.checkpoint_step(workdir, "latest") == 3
-    monkeypatch.setattr(vae_task, "make_train_iter", make_train_iter)
+    assert checkpointing.finished_steps(workdir, "latest")[-1] == 3
+    monkeypatch.setattr(vae_pipeline, "make_train_iter", make_train_iter)
 
     summary = vae_task.train_and_test(_config(), workdir)
     assert summary["steps_this_run"] == STEPS - 3

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import toy_training as toy
 
+from configs import train_common
 from phraseldm_jax import checkpointing, metric_writer, trainer
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 
 STEPS = 8
 
@@ -272,7 +273,7 @@ def test_batch_that_does_not_split_is_a_clear_error():
 
 
 def test_default_train_config_has_every_group_and_field():
-    config = trainer.default_train_config()
+    config = train_common.default_train_config()
     assert set(config.optim) >= {
         "name", "lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "schedule",
         "warmup_steps", "freeze", "grad_accum_steps",

@@ -14,7 +14,7 @@ from input_pipeline import synthetic
 from phraseldm_jax import decoding, phrases, songs, vae_inference
 from phraseldm_jax import vae as vae_lib
 from phraseldm_jax.cli import vae as vae_cli
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.vocab import BOS_ID, EOS_ID, PHRASE_VOCAB, QUERY_IDS, UnknownTokenError
 

@@ -9,10 +9,10 @@ import pytest
 import vae_fixtures as fx
 
 from configs import vae_common
-from input_pipeline import vae_pipeline
+from input_pipeline import splits, vae_pipeline
 from phraseldm_jax import checkpointing, metric_writer, vae_task
 from phraseldm_jax import vae as vae_lib
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 from phraseldm_jax.metrics import f1 as f1_lib
 
 
@@ -49,9 +49,9 @@ def test_stage_and_head_must_agree():
 
 def _eval_batch(config, split="train", rows=16):
     """The first ``rows`` records of ``split`` in one batch of length max_length, in order."""
-    source = vae_task.open_split(config.data, split)
-    options = {**vae_task.pipeline_options(config), "bucket_lengths": None}
-    subset = vae_task.Subset(source, np.arange(rows))
+    source = splits.open_split(config.data, split)
+    options = {**vae_pipeline.pipeline_options(config), "bucket_lengths": None}
+    subset = splits.Subset(source, np.arange(rows))
     return next(vae_pipeline.make_iterator(subset, batch_size=rows, train=False, **options))
 
 
@@ -102,7 +102,7 @@ def test_evaluator_scores_every_record_once_and_matches_a_direct_computation():
     assert metrics["examples"] == n and metrics["f1_examples"] == n
 
     # The same numbers from one unpadded pass over the split, in source order.
-    source = vae_task.open_split(config.data, "validation")
+    source = splits.open_split(config.data, "validation")
     batch = _eval_batch(config, "validation", rows=n)
     model = vae_lib.PhraseVAE(vae_task.model_config(config))
     logits, (mean, logvar) = jax.jit(model.apply)(
@@ -134,7 +134,7 @@ def test_evaluator_limits_spread_over_the_split():
     params = vae_lib.init_params(jax.random.PRNGKey(0), vae_task.model_config(config))
     metrics = evaluator(params, step=0)
     assert metrics["examples"] == 40 and metrics["f1_examples"] == 7
-    picked = vae_task.spread_indices(100, 7)
+    picked = splits.spread_indices(100, 7)
     assert picked[0] == 0 and picked[-1] == 99 and len(picked) == 7
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from phraseldm_jax import t5, vae
 from phraseldm_jax.convert import vae_weights
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 
 T5_TINY = t5.T5Config(d_model=16, d_ff=24, d_kv=6, num_heads=2, num_layers=2, num_decoder_layers=3)
 VAE = vae.PhraseVAEConfig(t5=T5_TINY, head="vae", n_query_tokens=4, latent_dim=8)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import train_common
 from phraseldm_jax import trainer
 
 NUM_EXAMPLES = 96
@@ -110,7 +111,7 @@ def make_task(hidden=64, dropout=0.1, evaluate=None, loss_scale=1.0) -> trainer.
 
 
 def small_config(num_steps=8, data=-1, fsdp=1, **train_overrides):
-    config = trainer.default_train_config()
+    config = train_common.default_train_config()
     config.optim.name = "adamw"
     config.optim.lr = 1e-2
     config.optim.weight_decay = 1e-2

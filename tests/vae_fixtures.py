@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from configs import vae_common
+from input_pipeline import vae_pipeline
 from phraseldm_jax import checkpointing, trainer, vae_task
 
 
@@ -32,7 +33,7 @@ def tiny_config(stage: int = 3, **train):
 def train(workdir, config) -> trainer.TrainResult:
     """``trainer.run`` of the VAE task of ``config`` in ``workdir``."""
     return trainer.run(
-        config, str(workdir), vae_task.vae_task(config), vae_task.make_train_iter(config)
+        config, str(workdir), vae_task.vae_task(config), vae_pipeline.make_train_iter(config)
     )
 
 

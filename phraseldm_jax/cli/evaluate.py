@@ -8,9 +8,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from phraseldm_jax import checkpointing, diffusion, ldm_task, sampler
+from phraseldm_jax import checkpointing, diffusion, fileio, ldm_task, sampler
 from phraseldm_jax.cli import common
-from phraseldm_jax.metric_writer import write_text_atomic
 
 PROG = "python -m phraseldm_jax.cli.evaluate"
 DESCRIPTION = """Scores a PhraseLDM training workdir's checkpoint: the validation diffusion loss,
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if out:
-        write_text_atomic(out, text + "\n")
+        fileio.write_text(out, text + "\n")
     return 0
 
 

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from phraseldm_jax import checkpointing, phrases, songs
+from phraseldm_jax import checkpointing, fileio, phrases, songs
 from phraseldm_jax.cli import common
-from phraseldm_jax.convert.safetensors_io import write_atomically, write_text_atomically
 from phraseldm_jax.metrics import f1 as f1_lib
 from phraseldm_jax.vae_inference import PhraseVAEModel
 
@@ -122,11 +121,11 @@ def run(args: argparse.Namespace) -> int:
             with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
                 np.savez(f, mean=mean, logvar=logvar)
 
-        write_atomically(args.output, save)
+        fileio.atomic_write(args.output, save)
         summary = {"phrases": len(texts), "output": args.output}
     elif args.command == "decode":
         texts = model.decode(load_latents(args.input))
-        write_text_atomically(args.output, "".join(line + "\n" for line in texts))
+        fileio.write_text(args.output, "".join(line + "\n" for line in texts))
         summary = {"latents": len(texts), "output": args.output}
         if args.song:
             song = phrases.slots_to_multitrack(texts)

@@ -2,7 +2,7 @@
 
 The public API (``api.py``): ``import_phrase_vae``, ``import_phrase_ldm``, ``export_phrase_vae``,
 ``export_phrase_ldm``, ``save_workdir``, ``load_workdir``. Command line:
-``python -m phraseldm_jax.convert import|export ...`` (``__main__.py``).
+``python -m phraseldm_jax.cli.convert import|export ...``.
 """
 
 from phraseldm_jax.convert.api import (
@@ -16,7 +16,7 @@ from phraseldm_jax.convert.api import (
     load_workdir,
     save_workdir,
 )
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 
 __all__ = [
     "CheckpointMismatchError",

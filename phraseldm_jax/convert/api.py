@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 from phraseldm_jax import conditioning, decoding
 from phraseldm_jax import sections as sections_lib
 from phraseldm_jax import vae as vae_lib
-from phraseldm_jax.convert import lightning, original_layout, safetensors_io
+from phraseldm_jax.convert import lightning, original_layout
 from phraseldm_jax.ldm import PhraseLDM, PhraseLDMConfig
 
 CONVERTED_FROM = "converted_from"  # config.json group of a converted workdir
@@ -337,13 +336,8 @@ def save_workdir(
         manager.wait_until_finished()
     finally:
         manager.close()
-    text = _json_dumps(config)
-    safetensors_io.write_text_atomically(os.path.join(workdir, "config.json"), text)
+    checkpointing.write_workdir_config(workdir, config)
     return workdir
-
-
-def _json_dumps(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True) + "\n"
 
 
 def load_workdir(workdir: str | os.PathLike, *, which: str = "best") -> Loaded:
@@ -352,15 +346,12 @@ def load_workdir(workdir: str | os.PathLike, *, which: str = "best") -> Loaded:
     from phraseldm_jax import checkpointing
 
     workdir = os.fspath(workdir)
-    config_path = os.path.join(workdir, "config.json")
-    config = original_layout.read_json(config_path)
+    config_path = os.path.join(workdir, checkpointing.CONFIG_JSON)
+    config = checkpointing.read_workdir_config(workdir)
     model = config.get("model")
     if not isinstance(model, dict) or not ({"t5", "dit"} & set(model)):
         raise ValueError(f"{config_path}: no PhraseVAE ('t5') or PhraseLDM ('dit') model group")
-    try:
-        params = checkpointing.load_params(workdir, which)
-    except FileNotFoundError:
-        params = checkpointing.load_params(workdir, "latest" if which == "best" else "best")
+    params, _ = checkpointing.load_trained(workdir, which)
     converted = config.get(CONVERTED_FROM) or {}
     source = os.path.abspath(workdir)
     if "t5" in model:

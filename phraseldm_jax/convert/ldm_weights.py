@@ -21,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax import fileio
 from phraseldm_jax.dit import DiTConfig
+from phraseldm_jax.errors import CheckpointMismatchError
 from phraseldm_jax.ldm import PhraseLDMConfig
 
 HF_CONFIG_KEYS = (
@@ -342,19 +342,6 @@ def load_hf_checkpoint(folder: str | os.PathLike, **overrides) -> tuple[PhraseLD
     return config, params
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_hf_checkpoint(folder: str | os.PathLike, params: Mapping, config: PhraseLDMConfig) -> None:
     """Writes ``config.json`` and ``model.safetensors`` in the original's layout (atomically)."""
     from safetensors.numpy import save_file
@@ -362,10 +349,8 @@ def save_hf_checkpoint(folder: str | os.PathLike, params: Mapping, config: Phras
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     state_dict = ldm_state_dict_from_params(params, config)
-    _atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(state_dict, p))
-
-    def write_config(path):
-        with open(path, "w") as f:
-            json.dump(hf_config_from_ldm_config(config), f, indent=2)
-
-    _atomic_write(os.path.join(folder, "config.json"), write_config)
+    fileio.atomic_write(
+        os.path.join(folder, "model.safetensors"), lambda p: save_file(state_dict, p)
+    )
+    text = json.dumps(hf_config_from_ldm_config(config), indent=2)
+    fileio.write_text(os.path.join(folder, "config.json"), text)

@@ -19,7 +19,6 @@ the original's files are written; any alias is accepted on import.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -27,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from phraseldm_jax import sections
+from phraseldm_jax import fileio, sections
 from phraseldm_jax import vae as vae_lib
 from phraseldm_jax.convert import ldm_weights, safetensors_io, vae_weights
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 from phraseldm_jax.ldm import PhraseLDMConfig
 
 CONFIG_JSON = "config.json"
@@ -65,21 +64,6 @@ def is_original_folder(path: str | os.PathLike) -> bool:
     )
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON object from ``path``; errors name the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    with open(path) as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json dict, tensors) of an original-layout folder."""
     folder = os.fspath(folder)
@@ -90,7 +74,7 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]
             raise FileNotFoundError(
                 f"{folder} is not a checkpoint in the original's layout: {name} is missing"
             )
-    hf_config = read_json(os.path.join(folder, CONFIG_JSON))
+    hf_config = fileio.read_json(os.path.join(folder, CONFIG_JSON))
     return hf_config, safetensors_io.read_safetensors(os.path.join(folder, WEIGHTS_FILE))
 
 
@@ -209,11 +193,7 @@ def write_vae_folder(
     hf_config = original_vae_config(config, base_config)
     os.makedirs(folder, exist_ok=True)
     safetensors_io.write_safetensors(os.path.join(folder, WEIGHTS_FILE), tensors, metadata)
-    _write_json(os.path.join(folder, CONFIG_JSON), hf_config)
-
-
-def _write_json(path: str, value: Any) -> None:
-    safetensors_io.write_text_atomically(path, json.dumps(value, indent=2) + "\n")
+    fileio.write_json(os.path.join(folder, CONFIG_JSON), hf_config, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +245,7 @@ def resolve_section_vocab(section_order: Any) -> sections.SectionVocab | None:
         return section_vocab_from_json(section_order, "section_order")
     if isinstance(section_order, (str, os.PathLike)):
         path = os.fspath(section_order)
-        return section_vocab_from_json(read_json(path), path)
+        return section_vocab_from_json(fileio.read_json(path), path)
     raise TypeError(
         "section_order must be a SectionVocab, a dict or a JSON file path, got "
         f"{type(section_order).__name__}"
@@ -339,7 +319,7 @@ def read_ldm_folder(
     vocab = resolve_section_vocab(section_order)
     vocab_path = os.path.join(folder, SECTION_VOCAB_JSON)
     if vocab is None and os.path.isfile(vocab_path):
-        vocab = section_vocab_from_json(read_json(vocab_path), vocab_path)
+        vocab = section_vocab_from_json(fileio.read_json(vocab_path), vocab_path)
     return ldm_from_original(hf_config, tensors, os.path.join(folder, WEIGHTS_FILE), vocab)
 
 
@@ -365,7 +345,11 @@ def write_ldm_folder(
     safetensors_io.write_safetensors(os.path.join(folder, WEIGHTS_FILE), tensors)
     vocab_path = os.path.join(folder, SECTION_VOCAB_JSON)
     if config.sec_control:
-        _write_json(vocab_path, section_vocab_to_json(section_vocab))
+        fileio.write_json(vocab_path, section_vocab_to_json(section_vocab), sort_keys=False)
     elif os.path.exists(vocab_path):
         os.remove(vocab_path)  # left by an earlier export of another model
-    _write_json(os.path.join(folder, CONFIG_JSON), ldm_weights.hf_config_from_ldm_config(config))
+    fileio.write_json(
+        os.path.join(folder, CONFIG_JSON),
+        ldm_weights.hf_config_from_ldm_config(config),
+        sort_keys=False,
+    )

@@ -9,11 +9,12 @@ stored once, and the file's metadata maps every dropped alias to the name that w
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from phraseldm_jax import fileio
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -77,31 +78,4 @@ def write_safetensors(
         if bad:
             raise ValueError(f"{path}: safetensors metadata must map str to str, got {bad}")
         metadata = dict(metadata)
-    write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
-
-
-def write_atomically(path: str | os.PathLike, write) -> None:
-    """Calls ``write(tmp_path)`` for a temporary file beside ``path``, then renames it onto
-    ``path``; on any error the temporary file is removed and ``path`` is left as it was."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # A fresh name rather than mkstemp: the file gets the usual permissions (umask), not 0600.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Writes a text file atomically (see ``write_atomically``)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_atomically(path, write)
+    fileio.atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))

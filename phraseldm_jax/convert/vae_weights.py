@@ -20,7 +20,7 @@ import numpy as np
 
 from phraseldm_jax import t5 as t5_lib
 from phraseldm_jax import vae as vae_lib
-from phraseldm_jax.convert.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError
 
 # Every name under which PyTorch holds the one tied embedding.
 TIED_EMBEDDING_KEYS = (

@@ -1,16 +1,17 @@
-"""Command line: the original's checkpoints <-> our training workdirs.
+"""``convert``: the original's checkpoints <-> our training workdirs.
 
-  python -m phraseldm_jax.convert import --kind vae --src phrase-vae/ --workdir runs/vae_orig
-  python -m phraseldm_jax.convert import --kind ldm --src phrase-ldm-seccond/ \\
+  python -m phraseldm_jax.cli.convert import --kind vae --src phrase-vae/ --workdir runs/vae_orig
+  python -m phraseldm_jax.cli.convert import --kind ldm --src phrase-ldm-seccond/ \\
       --workdir runs/ldm_orig --vae_workdir runs/vae_orig [--section_order order.json]
-  python -m phraseldm_jax.convert export --kind ldm --workdir runs/ldm_orig --dst out/ldm
+  python -m phraseldm_jax.cli.convert export --kind ldm --workdir runs/ldm_orig --dst out/ldm
 
 ``--src`` is a folder in the original's Hugging Face layout (config.json + model.safetensors)
 or a Lightning ``.ckpt`` (needs torch; ``--trust_pickle`` allows ``weights_only=False`` for
 old files you trust). The workdir written holds config.json and an Orbax params checkpoint,
-which ``checkpointing.load_params``, sample.py and ``PhraseVAEModel.from_workdir`` read. Export
-reads any of our workdirs (converted or trained here) and writes the original's layout.
-Timings are printed; errors exit with status 1 and one line saying what is wrong.
+which ``checkpointing.load_trained``, sample.py and ``PhraseVAEModel.from_workdir`` read.
+Export reads any of our workdirs (converted or trained here) and writes the original's layout.
+Timings are printed; a conversion that fails exits with status 1 and one line saying why.
+The work is ``phraseldm_jax.convert.api``'s.
 """
 
 from __future__ import annotations
@@ -20,29 +21,41 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
+
+from phraseldm_jax.cli import common
+
+PROG = "python -m phraseldm_jax.cli.convert"
+DESCRIPTION = __doc__
+IMPORT = """original checkpoint -> our workdir
+
+Reads a folder in the original's layout or a Lightning .ckpt and writes a workdir that
+our tools read (config.json + an Orbax checkpoint checkpoints/best/0)."""
+EXPORT = """our workdir -> original folder
+
+Reads one of our workdirs (converted or trained here; the --which checkpoint, else the
+other) and writes config.json + model.safetensors in the original's layout."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m phraseldm_jax.convert", description=__doc__.split("\n")[0]
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="original checkpoint -> our workdir")
-    imp.add_argument("--kind", required=True, choices=("vae", "ldm"))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = common.add_subcommands(parser)
+    imp = common.subcommand(commands, "import", IMPORT)
+    imp.add_argument("--kind", required=True, choices=("vae", "ldm"), help="model kind")
     imp.add_argument("--src", required=True, help="original folder or Lightning .ckpt")
     imp.add_argument("--workdir", required=True, help="workdir to write")
     imp.add_argument("--section_order", default=None, help="JSON file: the section id order")
     imp.add_argument("--vae_workdir", default="", help="LDM: the PhraseVAE workdir it uses")
     imp.add_argument("--trust_pickle", action="store_true", help=".ckpt: weights_only=False")
     imp.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
-    exp = commands.add_parser("export", help="our workdir -> original folder")
-    exp.add_argument("--kind", required=True, choices=("vae", "ldm"))
+    exp = common.subcommand(commands, "export", EXPORT)
+    exp.add_argument("--kind", required=True, choices=("vae", "ldm"), help="model kind")
     exp.add_argument("--workdir", required=True, help="our workdir (converted or trained here)")
     exp.add_argument("--dst", required=True, help="folder to write")
-    exp.add_argument("--which", default="best", choices=("best", "latest"))
+    exp.add_argument(
+        "--which", default="best", choices=("best", "latest"), help="checkpoint to export"
+    )
     exp.add_argument("--section_order", default=None, help="JSON file: section order to write")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    return parser
 
 
 def _describe(model) -> str:
@@ -104,8 +117,8 @@ def run_export(args, log=print) -> None:
     )
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Runs ``import`` or ``export``; a failed conversion is one line on stderr, status 1."""
     warnings.simplefilter("default")  # show conversion warnings (e.g. unknown section order)
     try:
         if args.command == "import":
@@ -113,9 +126,13 @@ def main(argv=None) -> int:
         else:
             run_export(args)
     except (OSError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return common.run_command(PROG, add_arguments, run, argv, DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Errors shared by the checkpoint converters."""
+"""Errors of the core modules that the converters and loaders share (no heavy imports)."""
 
 from __future__ import annotations
 

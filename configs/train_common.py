@@ -1,0 +1,44 @@
+"""The groups every training config has (``optim``, ``train``, ``mesh``), read by
+``phraseldm_jax.trainer`` and ``phraseldm_jax.optim``; ``vae_common`` and ``ldm_common`` start
+from these defaults and change what their recipe needs."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """The ``optim``, ``train`` and ``mesh`` groups with defaults (the VAE stage-1 recipe)."""
+    config = ml_collections.ConfigDict()
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adam"  # "adam" (torch Adam, L2 decay) | "adamw" (decoupled decay x lr)
+    config.optim.lr = 1e-4  # peak learning rate
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8  # added to sqrt(v_hat), as torch does
+    config.optim.weight_decay = 0.0  # stage 3: 1e-3 (adamw); LDM: 0.01 (adamw)
+    config.optim.clip_norm = 0.0  # global grad-norm clip, 0 = none; LDM: 0.5
+    config.optim.schedule = "constant"  # "constant" | "warmup_cosine" (cosine to 0 at num_steps)
+    config.optim.warmup_steps = 0  # linear warm-up from 0 (both schedules)
+    config.optim.freeze = []  # regexes over param paths ("params/sec_encoder/...") not trained
+    config.optim.grad_accum_steps = 1  # micro-batches per step; the batch splits evenly
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 1000  # optimiser updates in all
+    config.train.log_every = 50  # train metrics are averaged over this many steps
+    config.train.eval_every = 250  # task.evaluate every this many steps (0 = never)
+    config.train.ckpt_every = 1000  # checkpoint every this many steps (and at the end)
+    config.train.keep_last = 3  # latest checkpoints kept (the best one is kept apart)
+    config.train.seed = 42  # init and per-step keys
+    config.train.best_metric = "eval/loss"  # eval metric choosing the best checkpoint ("" = off)
+    config.train.best_mode = "min"  # "min" | "max"
+    config.train.patience = 0  # evals without a min_delta improvement before stopping; 0 = off
+    config.train.min_delta = 0.0  # improvement needed to reset the patience counter
+    config.train.progress = True  # tqdm progress bar on process 0
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # data-parallel axis size; -1 = all devices left
+    config.mesh.fsdp = 1  # parameter-sharding axis size
+    config.mesh.fsdp_min_size = 2**18  # params with fewer elements stay replicated
+    return config
