@@ -1,14 +1,25 @@
 """The commands of ``phraseldm_jax.cli`` share one style: every flag has a help text and
-``--help`` shows the defaults; ``cli.evaluate`` hands its flags to ``evaluate_checkpoint``."""
+``--help`` shows the defaults; ``python -m phraseldm_jax`` reaches every one of them;
+``cli.evaluate`` hands its flags to ``evaluate_checkpoint``."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+import phraseldm_jax.cli
 from phraseldm_jax import ldm_task
-from phraseldm_jax.cli import common, evaluate, latent_tools, latents, vae
+from phraseldm_jax.cli import common, convert, evaluate, latent_tools, latents, prepare, vae
 
-COMMANDS = {"vae": vae, "latent_tools": latent_tools, "latents": latents, "evaluate": evaluate}
+COMMANDS = {
+    "vae": vae,
+    "latent_tools": latent_tools,
+    "latents": latents,
+    "evaluate": evaluate,
+    "prepare": prepare,
+    "convert": convert,
+}
 
 
 def _parsers(module):
@@ -50,3 +61,28 @@ def test_evaluate_passes_its_flags_to_evaluate_checkpoint(monkeypatch, tmp_path,
     assert overrides["sampler"] == "ddim" and overrides["num_steps"] == 5
     assert overrides["guidance_scale"] == 2.0 and "num_songs" not in overrides
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+
+
+def test_one_entry_point_reaches_every_command(capsys):
+    assert set(phraseldm_jax.cli.COMMANDS) == set(COMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        phraseldm_jax.cli.main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    assert all(name in top for name in COMMANDS)
+    with pytest.raises(SystemExit):
+        phraseldm_jax.cli.main(["vae", "decode", "--help"])
+    assert "--workdir" in capsys.readouterr().out
+
+
+def test_usage_errors_through_the_entry_point_are_one_line(tmp_path):
+    """A mistake reported by a command's ``run`` (here: an existing dataset without
+    ``--overwrite``) is one line naming the command, exit status 2."""
+    argv = ["prepare", "--source", "synthetic", "--data_dir", str(tmp_path), "--n_songs", "4"]
+    assert phraseldm_jax.cli.main(argv) == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "phraseldm_jax", *argv], capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m phraseldm_jax prepare: error:")

@@ -12,7 +12,13 @@ class UsageError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` keeps the description's line breaks and shows every default."""
+    """``--help`` keeps the description's line breaks and shows every default (not for
+    required flags and flags without a default, where "(default: None)" would mislead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
@@ -30,13 +36,21 @@ def add_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersActi
 
 
 def subcommand(commands: argparse._SubParsersAction, name: str, description: str):
-    """One subcommand parser: ``description``'s first line is its summary in the parent's help."""
+    """One subcommand parser: ``description``'s first sentence is its summary in the parent's
+    help."""
     return commands.add_parser(
         name,
-        help=description.strip().split("\n")[0],
+        help=summary(description, name),
         description=description,
         formatter_class=HelpFormatter,
     )
+
+
+def summary(description: str, name: str = "") -> str:
+    """The first sentence of a command's description, without a leading "``name``: "."""
+    paragraph = " ".join(description.strip().split("\n\n")[0].split())
+    paragraph = paragraph.removeprefix(f"``{name}``: ") if name else paragraph
+    return paragraph.split(". ")[0].rstrip(".")
 
 
 def run_command(
@@ -49,7 +63,13 @@ def run_command(
     """Parse ``argv`` and run; a ``UsageError`` becomes ``prog: error: ...`` and exit 2."""
     parser = make_parser(prog, description)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return run_parsed(parser.prog, run, parser.parse_args(argv))
+
+
+def run_parsed(
+    prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """``run(args)``; a ``UsageError`` becomes ``prog: error: ...`` and exit status 2."""
     try:
         return int(run(args) or 0)
     except UsageError as error:

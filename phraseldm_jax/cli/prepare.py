@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join([PROG, *getattr(args, "argv", sys.argv[1:])])
     try:
         summary = prepare.build(args, command)
-    except (FileExistsError, ValueError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
         raise common.UsageError(str(error)) from None
     prepare.print_summary(summary)
     print(f"written: {summary['written']}")

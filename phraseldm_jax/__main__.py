@@ -1,0 +1,7 @@
+"""``python -m phraseldm_jax <command>``: the commands of ``phraseldm_jax/cli``."""
+
+import sys
+
+from phraseldm_jax.cli import main
+
+sys.exit(main())
