@@ -2,6 +2,6 @@
 
 import sys
 
-from phraseldm_jax.cli import main
+from phraseldm_jax.cli.commands import main
 
 sys.exit(main())

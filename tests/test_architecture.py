@@ -25,7 +25,7 @@ LAYERS = {
     "convert": ("convert",),
     "inference": ("pretrained", "vae_inference", "sampler", "songs", "latent_dataset", "latent_tools"),
     "tasks": ("vae_task", "ldm_task"),
-    "cli": ("cli",),
+    "cli": ("cli", "__main__"),
 }  # fmt: skip
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 # What input_pipeline and configs/ may use of the package.

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import phraseldm_jax.cli
 from phraseldm_jax import ldm_task
+from phraseldm_jax.cli import commands as entry_point
 from phraseldm_jax.cli import common, convert, evaluate, latent_tools, latents, prepare, vae
 
 COMMANDS = {
@@ -64,14 +64,14 @@ def test_evaluate_passes_its_flags_to_evaluate_checkpoint(monkeypatch, tmp_path,
 
 
 def test_one_entry_point_reaches_every_command(capsys):
-    assert set(phraseldm_jax.cli.COMMANDS) == set(COMMANDS)
+    assert set(entry_point.COMMANDS) == set(COMMANDS)
     with pytest.raises(SystemExit) as exit_info:
-        phraseldm_jax.cli.main(["--help"])
+        entry_point.main(["--help"])
     assert exit_info.value.code == 0
     top = capsys.readouterr().out
     assert all(name in top for name in COMMANDS)
     with pytest.raises(SystemExit):
-        phraseldm_jax.cli.main(["vae", "decode", "--help"])
+        entry_point.main(["vae", "decode", "--help"])
     assert "--workdir" in capsys.readouterr().out
 
 
@@ -79,7 +79,7 @@ def test_usage_errors_through_the_entry_point_are_one_line(tmp_path):
     """A mistake reported by a command's ``run`` (here: an existing dataset without
     ``--overwrite``) is one line naming the command, exit status 2."""
     argv = ["prepare", "--source", "synthetic", "--data_dir", str(tmp_path), "--n_songs", "4"]
-    assert phraseldm_jax.cli.main(argv) == 0
+    assert entry_point.main(argv) == 0
     result = subprocess.run(
         [sys.executable, "-m", "phraseldm_jax", *argv], capture_output=True, text=True
     )

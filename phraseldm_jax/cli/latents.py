@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vae_workdir", required=True, help="PhraseVAE stage-3 training workdir or original folder"
     )
     parser.add_argument(
-        "--data_dir", required=True, help="datasets built by input_pipeline.prepare"
+        "--data_dir", required=True, help="datasets built by python -m phraseldm_jax.cli.prepare"
     )
     parser.add_argument("--out", required=True, help="the latent dataset folder to write")
     parser.add_argument(

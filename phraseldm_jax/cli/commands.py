@@ -1,0 +1,32 @@
+"""``python -m phraseldm_jax <command> ...``: every command of this package as a subcommand
+of one parser (each keeps its own ``--help``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from phraseldm_jax.cli import common, convert, evaluate, latent_tools, latents, prepare, vae
+
+# In the order of the workflow: data, latents, the VAE on files, scoring, conversion.
+COMMANDS = {
+    "prepare": prepare,
+    "latents": latents,
+    "vae": vae,
+    "latent_tools": latent_tools,
+    "evaluate": evaluate,
+    "convert": convert,
+}
+PROG = "python -m phraseldm_jax"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = common.make_parser(
+        PROG, "The phraseldm-jax commands other than training and sampling."
+    )
+    subcommands = common.add_subcommands(parser)
+    for name, module in COMMANDS.items():
+        sub = common.subcommand(subcommands, name, module.DESCRIPTION)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    return common.run_parsed(f"{PROG} {args.command}", args._run, args)
