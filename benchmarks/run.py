@@ -1,7 +1,7 @@
 """The benchmark suite: every case side by side with the PyTorch reference (transformers /
 diffusers with the same weights, through the converter), in one process.
 
-  python -m benchmarks.run                          # everything, paper sizes (~15-20 min, 2 cores)
+  python -m benchmarks.run                          # everything, paper sizes (time: docs/BENCHMARKS.md)
   python -m benchmarks.run --cases dit_step,matmul_peak --repeats 3
   python -m benchmarks.run --quick --out /tmp/b.json   # tiny sizes, seconds (the test)
   python -m benchmarks.run --vae_workdir /work/runs/vae_small_stage3 \\

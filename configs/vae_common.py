@@ -67,10 +67,10 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
     config.data.batch_size = 128  # global batch
     config.data.max_length = 128  # encoder input and target are each cut to this many tokens
     # () = every batch is a random sample padded to max_length (the original pads to its
-    # longest row, which in POP909 is over 64 tokens in 3 batches out of 4). Lengths such as
+    # longest row, which in POP909 is mostly over 64 tokens). Lengths such as
     # (8, 16, 32, 48, 64, 128) group records of similar length into a batch (much less
     # padding, CPU runs), at a price: each batch's token-mean loss then weighs short records
-    # more, e.g. ~45% of POP909 phrase batches hold only [INST]/b-1/[SEP] lines.
+    # more, e.g. many POP909 phrase batches then hold only [INST]/b-1/[SEP] lines.
     config.data.bucket_lengths = ()
     config.data.read_threads = 2
     config.data.worker_count = 0  # Grain worker processes (0 = in the training process)

@@ -28,10 +28,9 @@ Import, per song:
    exactly one such bar, the last one. A fitting song is cut to exactly the plan's bars
    (``plan_note`` says what was cut); any other song keeps all its bars from the first
    to the last note, is marked ``plan_mismatch`` and says why in ``plan_note``.
-   Measured on the 900 songs: 29 triple-meter songs rejected; of the 870 others with a
-   usable plan, 704 fit (468 lose just the last bar and maybe a pickup, 64 nothing);
-   165 of the 166 others have 3 or more bars with notes outside the plan (unannotated
-   intros or outros), 4 disagree with the melody.
+   Most songs that do not fit have 3 or more bars with notes outside the plan
+   (unannotated intros or outros); a few have a melody that disagrees. The counts on
+   POP909 are in README.md and in every build's ``prepare_summary.json``.
 4. Key: remi-z ``normalize_pitch()`` per song (shift recorded in ``key_shift``), checked
    against ``analyzed_key.txt`` (``key_mismatch`` flag when the shift does not bring any
    annotated key to C major / A minor).

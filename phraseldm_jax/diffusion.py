@@ -366,8 +366,9 @@ def sample_loop(
         towards the data range. True: the update uses the eps implied by the clipped x0
         (DDIM's `use_clipped_model_output`, diffusers' DPM++ thresholding); clipping then
         only masks out-of-range x0 and the excess stays in the state. ddpm always uses its
-        posterior mean, which is the True form (the reference). See docs/LDM_RESULTS.md: on
-        a trained model the True form left 3% of the final latents saturated at the clip.
+        posterior mean, which is the True form (the reference). On a trained model the True
+        form leaves more of the final latents saturated at the clip than False does
+        (docs/LDM_RESULTS.md).
       timestep_spacing: None picks "trailing" for ddpm/ddim (diffusers' default "leading"
         would start a 50-step DDIM at t=980 from pure noise; "trailing" starts at 999 as the
         training marginal and the reference DDPM do) and "linspace" (diffusers' default,

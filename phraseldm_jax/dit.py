@@ -171,8 +171,8 @@ def apply_partial_rotary(x: jax.Array, cos: np.ndarray, sin: np.ndarray) -> jax.
 
 
 # On CPU, self-attention runs a few heads at a time, each step's logits about this many
-# elements, so that logits, exp and sums stay in cache (2-4x faster than one pass over
-# [batch, heads, length, length]).
+# elements, so that logits, exp and sums stay in cache instead of making one pass over
+# [batch, heads, length, length] in memory (measured: docs/BENCHMARKS.md, dit_step).
 _CPU_LOGITS_PER_CHUNK = 1 << 20
 
 
@@ -211,7 +211,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any = None) 
     a few heads at a time (each step's logits about ``_CPU_LOGITS_PER_CHUNK`` elements, in
     cache), scanning over heads rather than the batch so that a batch sharded over devices
     stays sharded; when one head's logits are still more than twice that (large batches), its
-    queries are split into blocks too (batch 16 x 512 slots: 1.6x faster attention). The
+    queries are split into blocks too, to keep them in cache (docs/BENCHMARKS.md). The
     heads-first layout this needs is made by one transpose each way, in float32.
     """
     if jax.default_backend() != "cpu":

@@ -30,7 +30,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 @contextlib.contextmanager
 def fast_compiles():
-    """XLA without most of its optimisation passes (3x faster compiles on CPU; the flax
+    """XLA without most of its optimisation passes (much faster compiles on CPU; the flax
     examples' tests do the same). Sharding propagation and partitioning still run, and every
     comparison in these tests is between programs compiled the same way."""
     before = jax.config.read("jax_disable_most_optimizations")

@@ -2,7 +2,7 @@
 own command, MIDI and REMI-z files come out that mido and remi-z read, and a second run skips
 what is done.
 
-About a minute on 2 cores: six subprocesses, each compiling its own small programs.
+Slow for a test: six subprocesses, each compiling its own small programs.
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ SEED0_TYPE_ORDER = "xXAEbiBcDoC"
 
 @contextlib.contextmanager
 def one_torch_thread():
-    """On a busy 2-core machine torch's thread pool makes these models ~15x slower."""
+    """On a busy machine torch's thread pool oversubscribes the cores and slows these small
+    models down; one thread avoids that."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
