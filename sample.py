@@ -5,7 +5,7 @@
       --plan "i-8 A-8 B-8 X-4" --sampler dpmpp_2m --steps 25 --key Eb --tempo 100
 
 ``--checkpoint`` is an LDM training workdir (Orbax, ``train_ldm.py`` or ``python -m
-phraseldm_jax.convert import``) or a folder in the original's layout (``config.json`` +
+phraseldm_jax.cli.convert import``) or a folder in the original's layout (``config.json`` +
 ``model.safetensors``, read by ``convert.api``; give ``--vae_workdir`` with it, a PhraseVAE
 workdir or original-layout folder). Songs come out in C major / A minor; ``--key`` transposes
 them (``D``: +2 from C major; ``Bm``: the same shift, from A minor). Every option is checked

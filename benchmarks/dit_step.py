@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
+from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 
 def inputs(batch: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -27,7 +28,7 @@ def inputs(batch: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, length, 64), dtype=np.float32)
     t = rng.integers(0, 1000, batch).astype(np.int32)
-    n_bars = rng.integers(1, length // 4 + 1, batch).astype(np.int32)
+    n_bars = rng.integers(1, length // SLOTS_PER_BAR + 1, batch).astype(np.int32)
     return x, t, n_bars
 
 

@@ -54,6 +54,7 @@ import numpy as np
 from configs import ldm_common
 from input_pipeline import ldm_pipeline
 from phraseldm_jax import dit, ldm, ldm_task, optim, trainer
+from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 VARIANTS = (
     "fp32",
@@ -124,7 +125,7 @@ def validation_batch(config, songs: int) -> dict:
     iterator = ldm_pipeline.make_iterator(
         config.data.latent_dir,
         config.data.eval_split,
-        max_bars=config.model.dit.sample_size // ldm_pipeline.SLOTS_PER_BAR,
+        max_bars=config.model.dit.sample_size // SLOTS_PER_BAR,
         batch_size=songs,
         seed=0,
         train=False,

@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks import common, vae_decoding
 from phraseldm_jax import decoding, sampler, songs, vae_inference
 from phraseldm_jax import ldm as ldm_lib
+from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 FAST_SAMPLERS = (("dpmpp_2m", 10), ("dpmpp_2m", 20), ("ddim", 25), ("ddim", 50))
 QUICK_SAMPLERS = (("dpmpp_2m", 2), ("ddim", 3))
@@ -126,7 +127,7 @@ def trained_end_to_end(opts: common.Options, repeats: int) -> dict[str, Any]:
     ldm = common.trained_ldm_pair(opts.ldm_workdir)
     vae = common.trained_vae_pair(vae_workdir)
     length = ldm.config.dit.sample_size
-    n_bars, max_length = length // 4, 128
+    n_bars, max_length = length // SLOTS_PER_BAR, 128
     cond = ldm_lib.make_conditions(1, n_bars=n_bars)
     decoder = vae_inference.PhraseVAEModel(
         vae.config,
@@ -235,7 +236,7 @@ def run(opts: common.Options) -> dict[str, Any]:
     ldm = common.ldm_pair(opts.quick)
     vae = common.vae_pair(opts.quick)
     length = ldm.config.dit.sample_size
-    n_bars, max_length = length // 4, (16 if opts.quick else 128)
+    n_bars, max_length = length // SLOTS_PER_BAR, (16 if opts.quick else 128)
     cond = ldm_lib.make_conditions(1, n_bars=n_bars)
     repeats = min(opts.repeats, 3)
     rows, song_latents, samplers = [], None, {}

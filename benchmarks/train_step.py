@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
 from phraseldm_jax import optim, trainer, vocab
+from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 VAE_BATCH, LDM_BATCH = 16, 4
 
@@ -59,7 +60,7 @@ def ldm_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "latents": rng.standard_normal((batch, length, 64)).astype(np.float32),
-        "n_bars": rng.integers(1, length // 4 + 1, batch).astype(np.int32),
+        "n_bars": rng.integers(1, length // SLOTS_PER_BAR + 1, batch).astype(np.int32),
         "section_type_ids": np.zeros((batch, 30), np.int32),
         "section_length_ids": np.zeros((batch, 30), np.int32),
         "has_plan": np.zeros((batch,), np.int32),

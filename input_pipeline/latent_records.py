@@ -146,7 +146,7 @@ def read_stats(data_dir: str | os.PathLike) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {data_dir} is not a finished latent dataset "
-            "(build it with `python -m phraseldm_jax.latent_dataset`)"
+            "(build it with `python -m phraseldm_jax.cli.latents`)"
         )
     with open(path) as f:
         stats = json.load(f)
