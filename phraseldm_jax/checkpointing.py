@@ -286,7 +286,8 @@ def read_workdir_config(workdir: str, model_key: str | None = None) -> dict:
     group holding that entry. Errors name the file."""
     path = os.path.join(os.fspath(workdir), CONFIG_JSON)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
+        kind = {"t5": "PhraseVAE ", "dit": "PhraseLDM "}.get(model_key or "", "")
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a {kind}training workdir")
     config = fileio.read_json(path)
     model = config.get("model")
     if model_key is not None and (not isinstance(model, dict) or model_key not in model):
