@@ -122,6 +122,15 @@ def select_tracks(midi: miditoolkit.MidiFile, selection: TrackSelection) -> list
     return tracks
 
 
+def shared_programs(path: str, selection: TrackSelection = TrackSelection()) -> dict[int, list]:
+    """``{program: [track names]}`` of the programs that two or more kept tracks of ``path``
+    end up with (``import_file`` merges such tracks). Raises MidiSkip like ``import_file``."""
+    by_program: dict[int, list] = {}
+    for track in select_tracks(_read_midi(path), selection):
+        by_program.setdefault(track.program, []).append(track.name)
+    return {p: names for p, names in by_program.items() if len(names) > 1}
+
+
 def _first_tempo(midi: miditoolkit.MidiFile) -> float:
     if midi.tempo_changes:  # MIDI stores microseconds per beat: round off the noise
         return round(float(midi.tempo_changes[0].tempo), 2)

@@ -57,6 +57,8 @@ def quiet_logging(verbose: bool = False) -> None:
     ``CHATTY_LOGGERS`` and TensorFlow's C++ log level (for the rare TF import).
     """
     level = logging.INFO if verbose else logging.ERROR
+    if verbose:  # a handler for INFO lines (absl's app.run installs its own)
+        logging.basicConfig(level=logging.INFO)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
