@@ -63,7 +63,7 @@ def parse_key(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="LDM workdir or original-layout folder")
     p.add_argument("--which", default="best", choices=("best", "latest"), help="Orbax checkpoint")
     p.add_argument("--vae_workdir", default=None, help="PhraseVAE workdir/folder (default: LDM's)")

@@ -177,3 +177,20 @@ def test_reconstruct_command_on_pop909(folders, tmp_path):
                 "--input", folders["pop909"], "--output", output)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert '"bars": 8' in done.stdout and os.path.isfile(output)  # a random model's notes
+
+
+def test_sample_is_quiet_and_checks_vae_workdir_first(folders, tmp_path):
+    from test_sample_cli import _workdir
+
+    ldm_workdir = _workdir(tmp_path, vae_workdir=folders["workdir"])
+    args = ["sample.py", "--checkpoint", ldm_workdir, "--num_songs", "1", "--sampler", "ddim",
+            "--steps", "2", "--max_decode_length", "6"]  # fmt: skip
+    wrong = _run(*args, "--out", str(tmp_path / "x"), "--vae_workdir", str(tmp_path))
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert "--vae_workdir" in wrong.stderr and "not a PhraseVAE workdir" in wrong.stderr
+    quiet = _run(*args, "--out", str(tmp_path / "q"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert not CHATTER.search(quiet.stderr), quiet.stderr
+    verbose = _run(*args, "--out", str(tmp_path / "v"), "--verbose")
+    assert verbose.returncode == 0, verbose.stderr
+    assert CHATTER.search(verbose.stderr)

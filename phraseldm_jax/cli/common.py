@@ -20,6 +20,14 @@ class UsageError(Exception):
     """A mistake of the user's (a flag, a file); printed as one line, exit status 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line ``prog: error: ...`` (exit 2), without
+    the usage block (``--help`` has it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """``--help`` keeps the description's line breaks and shows every default (not for
     required flags and flags without a default, where "(default: None)" would mislead)."""
@@ -32,9 +40,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """A parser in the commands' style (``--snake_case`` flags, defaults shown, ``--verbose``)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=HelpFormatter
-    )
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     add_verbose_flag(parser)
     return parser
 
@@ -71,9 +77,7 @@ def quiet_logging(verbose: bool = False) -> None:
 
 def add_subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     """Subcommands with their own ``--help`` in the same style."""
-    return parser.add_subparsers(
-        dest="command", required=True, parser_class=argparse.ArgumentParser
-    )
+    return parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
 
 def subcommand(commands: argparse._SubParsersAction, name: str, description: str):
@@ -190,12 +194,14 @@ def require_vae_folder(path: str, flag: str = "--workdir") -> None:
         raise UsageError(f"{flag} {path}: no such folder")
     if original_layout.is_original_folder(path):
         return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(
+            f"{flag} {path} is not a PhraseVAE workdir or original folder (no config.json)"
+        )
     try:
         checkpointing.read_workdir_config(path, "t5")
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(
-            f"{flag} {path} is not a PhraseVAE workdir or original folder ({error})"
-        ) from None
+    except ValueError as error:
+        raise UsageError(f"{flag} {path} is not a PhraseVAE workdir ({error})") from None
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         raise UsageError(f"{flag} {path}: no checkpoints/ folder (has it been trained?)")
 
