@@ -194,3 +194,20 @@ def test_sample_is_quiet_and_checks_vae_workdir_first(folders, tmp_path):
     verbose = _run(*args, "--out", str(tmp_path / "v"), "--verbose")
     assert verbose.returncode == 0, verbose.stderr
     assert CHATTER.search(verbose.stderr)
+
+
+def test_training_is_quiet(tmp_path):
+    """train_ldm.py on a tiny latent dataset: its progress and result, no INFO chatter."""
+    import ldm_fixtures
+    from test_train_ldm import OVERRIDES
+
+    codebook = ldm_fixtures.Codebook()
+    songs = ldm_fixtures.fixed_length_songs(codebook, [3, 5, 8, 4])
+    latent_dir = ldm_fixtures.write_dataset(tmp_path / "latents", codebook, songs[:3], songs[3:])
+    overrides = {**OVERRIDES, "train.num_steps": 2, "train.ckpt_every": 2, "train.eval_every": 2}
+    done = _run("train_ldm.py", "--config", "configs/ldm_lencond.py:tiny",
+                "--workdir", str(tmp_path / "w"), f"--config.data.latent_dir={latent_dir}",
+                *[f"--config.{k}={v}" for k, v in overrides.items()])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done at step 2" in done.stdout
+    assert not CHATTER.search(done.stderr), done.stderr[-3000:]

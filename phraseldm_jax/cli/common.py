@@ -67,6 +67,8 @@ def quiet_logging(verbose: bool = False) -> None:
         logging.basicConfig(level=logging.INFO)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    # The package's own warnings stay (absl's verbosity below also sets the root logger's).
+    logging.getLogger("phraseldm_jax").setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     try:
         from absl import logging as absl_logging
