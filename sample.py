@@ -32,6 +32,7 @@ import sys
 import time
 
 from phraseldm_jax import fileio, sections
+from phraseldm_jax.cli import common
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 KEY_PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -62,7 +63,7 @@ def parse_key(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="LDM workdir or original-layout folder")
     p.add_argument("--which", default="best", choices=("best", "latest"), help="Orbax checkpoint")
     p.add_argument("--vae_workdir", default=None, help="PhraseVAE workdir/folder (default: LDM's)")
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where the model ended the song earlier (those bars are usually silent); off: a song "
         "ends at its first [SEP] as in the original",
     )
+    common.add_verbose_flag(p)
     return p
 
 
@@ -142,6 +144,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(str(err))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} exists and is not a folder")
+    if not os.path.isdir(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: no such folder")
+    if args.vae_workdir is not None:
+        try:
+            common.require_vae_folder(args.vae_workdir, "--vae_workdir")
+        except common.UsageError as err:
+            parser.error(str(err))
 
 
 def check_model(parser, args, ldm_cfg) -> None:
@@ -270,6 +279,7 @@ def main(argv=None, decoder=None) -> int:
     """Command-line entry; ``decoder`` replaces the PhraseVAE decoder (tests)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    common.quiet_logging(getattr(args, "verbose", False))
     check_args(parser, args)
     # Imported after the checks (see ``run``); use_cpu_cores before any jax computation.
     from phraseldm_jax import pretrained, sharding
@@ -290,6 +300,10 @@ def main(argv=None, decoder=None) -> int:
         vae_workdir = args.vae_workdir or model.vae_workdir
         if not vae_workdir:
             parser.error(f"{args.checkpoint} names no PhraseVAE: give --vae_workdir")
+        try:
+            common.require_vae_folder(vae_workdir, "the LDM's PhraseVAE workdir")
+        except common.UsageError as err:
+            parser.error(f"{err}; give --vae_workdir")
         decoder = PhraseVAEModel.from_workdir(
             vae_workdir,
             max_length=args.max_decode_length,

@@ -15,19 +15,22 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from phraseldm_jax import ldm_task
+from phraseldm_jax.cli import common
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/ldm_*.py[:size]", lock_config=True)
+flags.DEFINE_bool("verbose", False, "show the log messages of absl, Orbax, JAX (hidden by default)")
 flags.DEFINE_string("workdir", None, "where checkpoints and metrics go")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_logging(FLAGS.verbose)
     result = ldm_task.train(FLAGS.config, FLAGS.workdir)
     print(f"done at step {result.step}: {result.metrics}")
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    common.run_absl(main, "train_ldm.py")

@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from phraseldm_jax import vae_task
+from phraseldm_jax.cli import common
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/vae_stage*.py[:size]", lock_config=True)
+flags.DEFINE_bool("verbose", False, "show the log messages of absl, Orbax, JAX (hidden by default)")
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics and test_metrics.json go")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
+    common.quiet_logging(FLAGS.verbose)
     summary = vae_task.train_and_test(FLAGS.config, FLAGS.workdir)
     print(json.dumps({k: summary[k] for k in ("f1_op", "f1_opd", "f1_iopd", "loss")}, indent=2))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    common.run_absl(main, "train_vae.py")

@@ -76,7 +76,7 @@ def _read_midi(path: str) -> miditoolkit.MidiFile:
     try:
         midi = miditoolkit.MidiFile(path)
     except Exception as e:  # mido/miditoolkit raise many types for corrupt files
-        raise MidiSkip(path, f"unreadable MIDI ({type(e).__name__}: {e})") from None
+        raise MidiSkip(path, records.unreadable_midi_reason(path, e)) from None
     if midi.ticks_per_beat <= 0:
         raise MidiSkip(path, f"bad ticks per beat {midi.ticks_per_beat}")
     for ts in midi.time_signature_changes:
@@ -120,6 +120,15 @@ def select_tracks(midi: miditoolkit.MidiFile, selection: TrackSelection) -> list
         ]
         tracks = slotted + [t for t in tracks if t.program == DRUM_PROGRAM]
     return tracks
+
+
+def shared_programs(path: str, selection: TrackSelection = TrackSelection()) -> dict[int, list]:
+    """``{program: [track names]}`` of the programs that two or more kept tracks of ``path``
+    end up with (``import_file`` merges such tracks). Raises MidiSkip like ``import_file``."""
+    by_program: dict[int, list] = {}
+    for track in select_tracks(_read_midi(path), selection):
+        by_program.setdefault(track.program, []).append(track.name)
+    return {p: names for p, names in by_program.items() if len(names) > 1}
 
 
 def _first_tempo(midi: miditoolkit.MidiFile) -> float:
@@ -194,16 +203,44 @@ def import_folder(
     return records.import_many(task, paths, workers=workers, progress=progress, desc="midi")
 
 
+def _program(text: str) -> int:
+    """A GM program number 0..127; ValueError saying what is wrong otherwise."""
+    item = text.strip()
+    if not item.isdigit() or not 0 <= int(item) <= 127:
+        raise ValueError(f"{item!r} is not a program number (0..127)")
+    return int(item)
+
+
 def parse_programs(text: str | None) -> tuple[int, ...] | None:
-    """``"0,25,13"`` -> (0, 25, 13); empty/None -> None (command-line helper)."""
+    """``"0,25,13"`` -> (0, 25, 13); empty/None -> None (command-line helper).
+
+    Raises ValueError for an item that is not a program 0..127.
+    """
     if not text:
         return None
-    return tuple(int(p) for p in text.split(","))
+    return tuple(_program(p) for p in text.split(","))
 
 
 def parse_program_map(text: str | None) -> dict[int, int] | None:
-    """``"1:0,2:0"`` -> {1: 0, 2: 0}; empty/None -> None (command-line helper)."""
+    """``"1:0,2:0"`` -> {1: 0, 2: 0}; empty/None -> None (command-line helper).
+
+    Raises ValueError for an item that is not ``program:program`` (0..127 each).
+    """
     if not text:
         return None
-    pairs = (item.split(":") for item in text.split(","))
-    return {int(a): int(b) for a, b in pairs}
+    out = {}
+    for item in text.split(","):
+        source, colon, target = item.partition(":")
+        if not colon:
+            raise ValueError(f"{item!r} is not 'from:to' (e.g. 1:0)")
+        out[_program(source)] = _program(target)
+    return out
+
+
+def check_name_pattern(pattern: str | None) -> None:
+    """Raises ValueError when ``pattern`` is not a valid regular expression."""
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None

@@ -143,7 +143,7 @@ def read_notes(midi_path: str, beat_times: np.ndarray, phase: int) -> list[StepN
     try:
         midi = miditoolkit.MidiFile(midi_path)
     except Exception as e:  # miditoolkit/mido raise many types for corrupt files
-        raise Pop909Error(f"{midi_path}: unreadable MIDI ({type(e).__name__}: {e})") from None
+        raise Pop909Error(f"{midi_path}: {records.unreadable_midi_reason(midi_path, e)}") from None
     by_name = {inst.name.strip().upper(): inst for inst in midi.instruments}
     if not any(name in by_name for name in TRACK_PROGRAMS):
         raise Pop909Error(

@@ -30,6 +30,14 @@ SUMMARY_FILE = "prepare_summary.json"
 PERCENTILES = (50, 90, 99)
 
 
+class NothingImported(ValueError):
+    """No song of the corpus imported; ``summary`` holds every file's reason."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 def import_songs(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, str]]]:
     """Imports the corpus named by the options (``cli.prepare``'s flags): (records,
     [(file, reason)])."""
@@ -71,8 +79,48 @@ def _reason_group(text: str) -> str:
     return re.sub(r"\d+(\.\d+)?%?", "N", text)
 
 
+def _examples(texts: Sequence[str]) -> dict[str, str]:
+    """The first text of each reason group: what a group looks like with its real numbers."""
+    out: dict[str, str] = {}
+    for text in texts:
+        out.setdefault(_reason_group(text), re.sub(r"\S*/\S*: ", "", text))
+    return out
+
+
+FLAG_DETAILS = {
+    "too_long": "{n_bars} bars, more than " + str(MAX_PLAN_BARS),
+    "key_mismatch": (
+        "key normalisation shifted by {key_shift:+d} semitones, which brings no key of "
+        "analyzed_key.txt to C major / A minor"
+    ),
+    "plan_error": "{plan_note}",
+    "plan_mismatch": "{plan_note}",
+}
+
+
+def mark_note(song: Mapping) -> str:
+    """What each flag of ``song`` means for this song, e.g. ``key_mismatch: key normalisation
+    shifted by +3 semitones, ...; plan_mismatch: 3 bar(s) with notes outside the plan``."""
+    fields = {
+        "n_bars": int(song["n_bars"]),
+        "key_shift": int(song["key_shift"]),
+        "plan_note": song["plan_note"],
+    }
+    parts = [
+        f"{flag}: {FLAG_DETAILS.get(flag, '').format(**fields)}".rstrip(": ")
+        for flag in song["flags"]
+    ]
+    if song["section_plan"] and not song["plan_fits"] and "plan_mismatch" not in song["flags"]:
+        parts.append(f"plan does not fit: {song['plan_note']}")
+    return "; ".join(parts)
+
+
 def summarize(songs: Sequence[Mapping], rejected: Sequence[tuple[str, str]]) -> dict:
-    """Counts, plan fit, token lengths and every rejected / marked song (JSON-ready)."""
+    """Counts, plan fit, token lengths and every rejected / marked song (JSON-ready).
+
+    ``*_reasons`` count reasons grouped without their numbers and paths; ``*_examples`` give
+    the first reason of each group as it was (what ``print_summary`` shows).
+    """
     per_split = {s: collections.Counter() for s in records.SPLITS}
     phrase_tokens, bar_tokens = [], []
     for song in songs:
@@ -85,26 +133,27 @@ def summarize(songs: Sequence[Mapping], rejected: Sequence[tuple[str, str]]) -> 
         phrase_tokens.extend(len(p.split()) for p in song["phrases"])
         bar_tokens.extend(len(line["text"].split()) for line in records.bar_lines(song)[:-1])
     with_plan = [s for s in songs if s["section_plan"]]
-    not_fitting = collections.Counter()
+    not_fitting_texts = []
     for song in with_plan:
         if not song["plan_fits"]:
-            for part in song["plan_note"].split("; "):
-                not_fitting[_reason_group(part)] += 1
+            not_fitting_texts.extend(song["plan_note"].split("; "))
     for song in songs:
         if not song["section_plan"]:
-            not_fitting[_reason_group(song["plan_note"] or "no section plan")] += 1
-    adjustments = collections.Counter(
-        _reason_group(s["plan_note"]) or "as is" for s in songs if s["plan_fits"]
-    )
+            not_fitting_texts.append(song["plan_note"] or "no section plan")
+    not_fitting = collections.Counter(_reason_group(t) for t in not_fitting_texts)
+    adjustment_texts = [s["plan_note"] or "as is" for s in songs if s["plan_fits"]]
+    adjustments = collections.Counter(_reason_group(t) for t in adjustment_texts)
+    # A song without a plan (every MIDI-folder song) is not marked for that alone.
     marked = [
-        {"song_id": s["song_id"], "flags": list(s["flags"]), "note": s["plan_note"]}
+        {"song_id": s["song_id"], "flags": list(s["flags"]), "note": mark_note(s)}
         for s in songs
-        if s["flags"] or not s["plan_fits"]
+        if s["flags"] or (s["section_plan"] and not s["plan_fits"])
     ]
     return {
         "songs": len(songs),
         "rejected": len(rejected),
         "rejected_reasons": dict(collections.Counter(_reason_group(r) for _, r in rejected)),
+        "rejected_examples": _examples([r for _, r in rejected]),
         "splits": {split: dict(counts) for split, counts in per_split.items()},
         "bars": sum(int(s["n_bars"]) for s in songs),
         "phrases": sum(len(s["phrases"]) for s in songs),
@@ -114,7 +163,9 @@ def summarize(songs: Sequence[Mapping], rejected: Sequence[tuple[str, str]]) -> 
             bool(s["plan_fits"]) and int(s["n_bars"]) <= MAX_PLAN_BARS for s in songs
         ),
         "not_fitting_reasons": dict(not_fitting.most_common()),
+        "not_fitting_examples": _examples(not_fitting_texts),
         "fitting_adjustments": dict(adjustments.most_common()),
+        "fitting_examples": _examples(adjustment_texts),
         "songs_over_128_bars": sum(int(s["n_bars"]) > MAX_PLAN_BARS for s in songs),
         "flags": dict(collections.Counter(f for s in songs for f in s["flags"]).most_common()),
         "phrase_tokens": _percentiles(phrase_tokens),
@@ -136,8 +187,14 @@ def print_summary(summary: Mapping, file=None) -> None:
     file = file or sys.stdout
     p = lambda *a: print(*a, file=file)  # noqa: E731
     p(f"songs imported: {summary['songs']}   rejected: {summary['rejected']}")
+
+    def example(kind: str, group: str, n: int) -> str:
+        text = summary.get(f"{kind}_examples", {}).get(group, group)
+        more = f"  (and {n - 1} more like it)" if n > 1 and text != group else ""
+        return text + more
+
     for reason, n in summary["rejected_reasons"].items():
-        p(f"  rejected {n:4d}  {reason}")
+        p(f"  rejected {n:4d}  {example('rejected', reason, n)}")
     for split, c in summary["splits"].items():
         p(
             f"{split:>10}: {c.get('songs', 0):5d} songs {c.get('bars', 0):7d} bars "
@@ -149,9 +206,9 @@ def print_summary(summary: Mapping, file=None) -> None:
         f"with a plan fit it ({summary['songs_fitting_plan_le_128_bars']} of them <= 128 bars)"
     )
     for reason, n in summary["not_fitting_reasons"].items():
-        p(f"  not fitting {n:4d}  {reason}")
+        p(f"  not fitting {n:4d}  {example('not_fitting', reason, n)}")
     for note, n in summary["fitting_adjustments"].items():
-        p(f"  fitting {n:4d}  {note}")
+        p(f"  fitting {n:4d}  {example('fitting', note, n)}")
     p(f"songs over 128 bars: {summary['songs_over_128_bars']}   flags: {summary['flags']}")
     p(f"phrase tokens: {summary['phrase_tokens']}  (> 127: {summary['phrases_over_127_tokens']})")
     p(f"bar tokens:    {summary['bar_tokens']}  (> 127: {summary['bars_over_127_tokens']})")
@@ -166,7 +223,7 @@ def build(args: argparse.Namespace, command: str) -> dict:
     ``cli.prepare``'s options, ``command`` the command line recorded in the summary.
 
     Raises FileExistsError when ``data_dir`` holds datasets and ``args.overwrite`` is off, and
-    ValueError when nothing could be imported.
+    NothingImported (a ValueError, with the summary, also saved) when nothing imports.
     """
     start = time.time()
     existing = [
@@ -180,8 +237,23 @@ def build(args: argparse.Namespace, command: str) -> dict:
             f"{args.data_dir} already holds {existing}; pass --overwrite to rebuild them"
         )
     songs, rejected = import_songs(args)
-    if not songs:
-        raise ValueError(f"no songs imported from {args.input} ({len(rejected)} rejected)")
+    summary_path = os.path.join(args.data_dir, SUMMARY_FILE)
+    if not songs:  # the reasons are the whole result: save them, then fail
+        summary = {
+            "command": command,
+            "source": args.source,
+            "input": args.input,
+            "data_dir": args.data_dir,
+            "written": {},
+            **summarize(songs, rejected),
+        }
+        os.makedirs(args.data_dir, exist_ok=True)
+        write_json(summary_path, summary)
+        raise NothingImported(
+            f"no songs imported from {args.input} ({len(rejected)} rejected; the reasons are "
+            f"above and in {summary_path})",
+            summary,
+        )
     import_seconds = time.time() - start
     tfds_builders.quiet()
     tfds_builders.build(args.data_dir, overwrite=args.overwrite, songs=songs)
@@ -198,7 +270,7 @@ def build(args: argparse.Namespace, command: str) -> dict:
         },
         **summarize(songs, rejected),
     }
-    write_json(os.path.join(args.data_dir, SUMMARY_FILE), summary)
+    write_json(summary_path, summary)
     return summary
 
 

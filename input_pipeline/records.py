@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import multiprocessing
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -234,6 +235,20 @@ def bar_lines(record: Mapping) -> list[dict]:
     return lines
 
 
+def unreadable_midi_reason(path: str, error: Exception) -> str:
+    """Why a MIDI file could not be read, in words (mido's EOFError has no message)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = -1
+    if size == 0:
+        return "unreadable MIDI (empty file, 0 bytes)"
+    if isinstance(error, EOFError):
+        return f"unreadable MIDI (truncated: the file ends inside a chunk after {size} bytes)"
+    detail = str(error).strip()
+    return f"unreadable MIDI ({type(error).__name__}{': ' + detail if detail else ''})"
+
+
 def _call_or_reason(fn: Callable[[str], dict], item: str) -> tuple[str, dict | None, str]:
     """Runs ``fn(item)``; any exception becomes a reason string (never crosses processes)."""
     try:
@@ -244,7 +259,7 @@ def _call_or_reason(fn: Callable[[str], dict], item: str) -> tuple[str, dict | N
         if reason.startswith(prefix):
             reason = reason[len(prefix) :]
         if not isinstance(e, ValueError):
-            reason = f"{type(e).__name__}: {reason}"
+            reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
         return item, None, reason
 
 

@@ -91,6 +91,13 @@ class _SongCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
+    def _log_download_bytes(self) -> None:
+        """Silent: TFDS prints "Downloading and preparing dataset" to stdout, though nothing
+        downloads here (the songs are given)."""
+
+    def _log_download_done(self) -> None:
+        """Silent, for the same reason."""
+
     def _load_songs(self, dl_manager) -> Sequence[Mapping]:
         if self._songs is not None:
             return self._songs

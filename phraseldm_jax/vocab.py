@@ -13,6 +13,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from phraseldm_jax import fileio
+
 SPECIAL_TOKENS: tuple[str, ...] = (
     "[EOS]", "[BOS]", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]", "[HIST]", "[PITCH]",
     "[INST]", "[MELODY]", "[CHORD]", "[COMPRESS]",
@@ -38,6 +40,19 @@ PAD_ID = 5
 MASK_ID = 6
 INST_ID = 9
 QUERY_IDS = tuple(range(13, 23))  # [C0]..[C9]
+
+# The special-token roles the original gives its tokenizer (FACTS 1.2): transformers needs them
+# set for padding and ``generate``; tokenizer.json alone does not carry them.
+SPECIAL_TOKEN_ROLES: dict[str, str] = {
+    "bos_token": "[BOS]",
+    "eos_token": "[EOS]",
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 BAR_ID = 23  # b-1
 VOCAB_SIZE = 1000
 IGNORE_LABEL = -100  # label value that the losses skip
@@ -156,6 +171,40 @@ class Vocabulary:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_tokenizer_json(), f, ensure_ascii=False, indent=2)
         os.replace(tmp, path)
+
+    def tokenizer_config(self) -> dict:
+        """``tokenizer_config.json`` as transformers' ``save_pretrained`` writes it for a
+        ``PreTrainedTokenizerFast`` with the original's special tokens (right padding and
+        truncation)."""
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **SPECIAL_TOKEN_ROLES,
+            "padding_side": "right",
+            "truncation_side": "right",
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1000000000000000019884624838656,  # transformers' "no limit"
+            "added_tokens_decoder": {
+                str(i): {
+                    "content": token,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
+                for i, token in enumerate(SPECIAL_TOKENS)
+            },
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """A tokenizer folder that ``transformers.AutoTokenizer.from_pretrained(folder)`` loads
+        offline (``TOKENIZER_FILES``, each written atomically), special tokens set."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        fileio.write_json(os.path.join(folder, "tokenizer.json"), self.to_tokenizer_json(),
+                          sort_keys=False)  # fmt: skip
+        fileio.write_json(os.path.join(folder, "special_tokens_map.json"), SPECIAL_TOKEN_ROLES)
+        fileio.write_json(os.path.join(folder, "tokenizer_config.json"), self.tokenizer_config())
 
     @classmethod
     def from_tokenizer_json(cls, data: dict | str | os.PathLike) -> Vocabulary:

@@ -54,10 +54,13 @@ def test_evaluate_passes_its_flags_to_evaluate_checkpoint(monkeypatch, tmp_path,
 
     monkeypatch.setattr(ldm_task, "evaluate_checkpoint", fake)
     out = tmp_path / "m.json"
-    argv = ["--workdir", "w", "--sampler", "ddim", "--steps", "5", "--guidance", "2", "--out"]
+    w = tmp_path / "w"  # an LDM workdir as far as the checks before loading go
+    w.mkdir()
+    (w / "config.json").write_text(json.dumps({"model": {"dit": {}}}))
+    argv = ["--workdir", str(w), "--sampler", "ddim", "--steps", "5", "--guidance", "2", "--out"]
     assert evaluate.main([*argv, str(out)]) == 0
     ((workdir, which, overrides),) = calls
-    assert (workdir, which) == ("w", "best")
+    assert (workdir, which) == (str(w), "best")
     assert overrides["sampler"] == "ddim" and overrides["num_steps"] == 5
     assert overrides["guidance_scale"] == 2.0 and "num_songs" not in overrides
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)

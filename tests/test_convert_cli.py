@@ -77,6 +77,8 @@ def _assert_same_folders(a, b):
                 open(os.path.join(b, name)).read()
             ), name
     weights = [os.path.join(d, "model.safetensors") for d in (a, b)]
+    if not os.path.exists(weights[0]):  # a tokenizer folder
+        return
     tensors = [safetensors_io.read_safetensors(w) for w in weights]
     assert tensors[0].keys() == tensors[1].keys()
     for key, value in tensors[0].items():
@@ -117,7 +119,18 @@ def test_cli_vae_round_trip(tmp_path, capsys):
     )
     assert code == 0, err
     assert "config.json, model.safetensors" in out
-    _assert_same_folders(tmp_path / "original", tmp_path / "back")
+    # The same files, plus the tokenizer folder that config.json now names (offline use).
+    back_config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back_config.pop("tokenizer_repo_id") == str(tmp_path / "back" / "tokenizer")
+    original_config = json.loads((tmp_path / "original" / "config.json").read_text())
+    assert original_config.pop("tokenizer_repo_id") == "LongshenOu/phrase-vae-tokenizer"
+    assert back_config == original_config
+    api.export_phrase_vae(model, tmp_path / "original_tok", with_tokenizer=True)
+    for folder in ("original_tok", "back"):
+        os.rename(tmp_path / folder / "config.json", tmp_path / folder / "config.json.seen")
+    _assert_same_folders(tmp_path / "original_tok", tmp_path / "back")
+    _assert_same_folders(tmp_path / "original_tok" / "tokenizer", tmp_path / "back" / "tokenizer")
+    os.rename(tmp_path / "back" / "config.json.seen", tmp_path / "back" / "config.json")
 
     # Errors exit with status 1 and one line.
     again = ("export", "--kind", "vae", "--workdir", tmp_path / "w", "--dst", tmp_path / "back")

@@ -34,7 +34,10 @@ our tools read (config.json + an Orbax checkpoint checkpoints/best/0)."""
 EXPORT = """our workdir -> original folder
 
 Reads one of our workdirs (converted or trained here; the --which checkpoint, else the
-other) and writes config.json + model.safetensors in the original's layout."""
+other) and writes config.json + model.safetensors in the original's layout; a PhraseVAE also
+gets tokenizer/ (the tokenizer as transformers' save_pretrained writes it, bos/eos/pad/unk
+set as the original sets them), named by config.json's tokenizer_repo_id, so that the
+original code loads the folder offline."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +109,7 @@ def run_export(args, log=print) -> None:
     if kind == "vae":
         if args.section_order:
             raise ValueError("--section_order applies to --kind ldm only")
-        api.export_phrase_vae(model, args.dst)
+        api.export_phrase_vae(model, args.dst, with_tokenizer=True)
     else:
         api.export_phrase_ldm(model, args.dst, section_order=args.section_order)
     write_s = time.perf_counter() - start - read_s

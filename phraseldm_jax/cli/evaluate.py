@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = vars(args).copy()
+    overrides.pop("verbose", None)
     workdir, which = overrides.pop("workdir"), overrides.pop("which")
+    try:  # an LDM workdir, checked before anything loads
+        checkpointing.read_workdir_config(workdir, "dit")
+    except (FileNotFoundError, ValueError) as error:
+        raise common.UsageError(f"--workdir {workdir}: {error}") from None
     out = overrides.pop("out", None)
     result = ldm_task.evaluate_checkpoint(workdir, which, **overrides)
     text = json.dumps(result, indent=2)

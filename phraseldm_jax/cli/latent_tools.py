@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import jax
 
 from phraseldm_jax import checkpointing, latent_tools, phrases, songs
-from phraseldm_jax.cli import common
+from phraseldm_jax.cli import common, vae
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 from phraseldm_jax.vae_inference import PhraseVAEModel
 
@@ -67,6 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    common.require_vae_folder(args.workdir, "--workdir")
+    common.require_output(args.output, "--output")
+    if args.tempo <= 0:
+        raise common.UsageError(f"--tempo must be > 0, got {args.tempo}")
+    if args.command == "bars":  # read and checked before the model loads
+        record = vae.import_midi(args.midi, flag="--midi")
+        song_slots = phrases.slot_phrases(record, n_slots=phrases.DEFAULT_N_SLOTS)
+        try:
+            bar_a = latent_tools.bar_slots(song_slots, args.bar_a, args.midi)
+            bar_b = latent_tools.bar_slots(song_slots, args.bar_b, args.midi)
+        except ValueError as error:
+            raise common.UsageError(str(error)) from None
     model = PhraseVAEModel.from_workdir(args.workdir, args.checkpoint)
     if args.command == "prior":
         rng = jax.random.PRNGKey(args.seed)
@@ -76,9 +88,6 @@ def run(args: argparse.Namespace) -> int:
         texts = latent_tools.interpolate_phrases(model, args.a, args.b, args.steps, args.method)
         slots = latent_tools.phrases_as_song(texts)
     else:
-        song_slots, _ = songs.midi_slots(args.midi, n_slots=phrases.DEFAULT_N_SLOTS)
-        bar_a = latent_tools.bar_slots(song_slots, args.bar_a, args.midi)
-        bar_b = latent_tools.bar_slots(song_slots, args.bar_b, args.midi)
         decoded = latent_tools.interpolate_bars(model, bar_a, bar_b, args.steps, args.method)
         slots = songs.bars_as_song(decoded)
         texts = [

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    common.require_vae_folder(args.vae_workdir, "--vae_workdir")
+    if not os.path.isdir(args.data_dir):
+        raise common.UsageError(f"--data_dir {args.data_dir}: no such folder")
+    if args.max_bars < 1:
+        raise common.UsageError(f"--max_bars must be >= 1, got {args.max_bars}")
     stats = latent_dataset.build_latent_dataset(
         args.vae_workdir,
         args.data_dir,

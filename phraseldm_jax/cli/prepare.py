@@ -52,12 +52,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no_key_norm", action="store_true", help="skip key normalisation")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked before any file is scanned (``UsageError`` saying which and why)."""
+    from input_pipeline import midi_folder
+
+    for flag, value in (("--workers", args.workers), ("--limit", args.limit),
+                        ("--n_songs", args.n_songs), ("--max_tracks", args.max_tracks)):  # fmt: skip
+        if value is not None and value < 1:
+            raise common.UsageError(f"{flag} must be >= 1, got {value}")
+    parsers = (
+        ("--programs", midi_folder.parse_programs),
+        ("--slot_programs", midi_folder.parse_programs),
+        ("--program_map", midi_folder.parse_program_map),
+        ("--name_regex", midi_folder.check_name_pattern),
+    )
+    for flag, parse in parsers:
+        value = getattr(args, flag[2:])
+        try:
+            parse(value)
+        except ValueError as error:
+            raise common.UsageError(f"{flag} {value}: {error}") from None
+    if args.source != "synthetic":
+        if not args.input:
+            raise common.UsageError(f"--input is required for --source {args.source}")
+        if not os.path.isdir(args.input):
+            raise common.UsageError(f"--input {args.input}: no such folder")
+
+
 def run(args: argparse.Namespace) -> int:
     from input_pipeline import prepare
 
+    check_args(args)
     command = " ".join([PROG, *getattr(args, "argv", sys.argv[1:])])
     try:
         summary = prepare.build(args, command)
+    except prepare.NothingImported as error:
+        prepare.print_summary(error.summary)
+        raise common.UsageError(str(error)) from None
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         raise common.UsageError(str(error)) from None
     prepare.print_summary(summary)

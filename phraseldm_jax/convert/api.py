@@ -260,10 +260,17 @@ def import_phrase_ldm(
     return LoadedPhraseLDM(config, params, section_vocab=vocab, source=os.path.abspath(path))
 
 
-def export_phrase_vae(model: LoadedPhraseVAE, path: str | os.PathLike) -> None:
-    """Writes ``model`` as an original PhraseVAE folder (stage-3 models only)."""
+def export_phrase_vae(
+    model: LoadedPhraseVAE, path: str | os.PathLike, *, with_tokenizer: bool = False
+) -> None:
+    """Writes ``model`` as an original PhraseVAE folder (stage-3 models only); with
+    ``with_tokenizer`` also its tokenizer folder, named in config.json (offline use)."""
     original_layout.write_vae_folder(
-        path, model.config, model.params, getattr(model, "original_config", None)
+        path,
+        model.config,
+        model.params,
+        getattr(model, "original_config", None),
+        with_tokenizer=with_tokenizer,
     )
 
 

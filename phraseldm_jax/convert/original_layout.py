@@ -31,11 +31,13 @@ from phraseldm_jax import vae as vae_lib
 from phraseldm_jax.convert import ldm_weights, safetensors_io, vae_weights
 from phraseldm_jax.errors import CheckpointMismatchError
 from phraseldm_jax.ldm import PhraseLDMConfig
+from phraseldm_jax.vocab import PHRASE_VOCAB
 
 CONFIG_JSON = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SECTION_VOCAB_JSON = "section_vocab.json"
 DEFAULT_TOKENIZER_REPO_ID = "LongshenOu/phrase-vae-tokenizer"
+TOKENIZER_DIR = "tokenizer"  # an exported PhraseVAE's tokenizer folder (save_pretrained layout)
 # The original PhraseVAE's constructor arguments (its config.json keys).
 VAE_CONFIG_KEYS = (
     "tokenizer_repo_id",
@@ -118,12 +120,15 @@ def vae_from_original(
 
 
 def original_vae_config(
-    config: vae_lib.PhraseVAEConfig, base: Mapping[str, Any] | None = None
+    config: vae_lib.PhraseVAEConfig,
+    base: Mapping[str, Any] | None = None,
+    tokenizer_repo_id: str | None = None,
 ) -> dict[str, Any]:
     """The original PhraseVAE's config.json for ``config``.
 
     ``base`` (the config.json a model was imported from) is kept where it agrees, so an
-    imported folder exports the same file; sizes always come from ``config``."""
+    imported folder exports the same file; sizes always come from ``config``.
+    ``tokenizer_repo_id`` (a tokenizer folder) replaces the hub id when given."""
     c = config.t5
     t5_config = dict((base or {}).get("t5_config") or {})
     t5_config.update(
@@ -141,7 +146,8 @@ def original_vae_config(
         if value != default or name in t5_config:
             t5_config[name] = value
     return {
-        "tokenizer_repo_id": (base or {}).get("tokenizer_repo_id", DEFAULT_TOKENIZER_REPO_ID),
+        "tokenizer_repo_id": tokenizer_repo_id
+        or (base or {}).get("tokenizer_repo_id", DEFAULT_TOKENIZER_REPO_ID),
         "t5_config": t5_config,
         "compress_style": "first_n_tokens",
         "n_compress_tokens": config.n_query_tokens,
@@ -186,12 +192,20 @@ def write_vae_folder(
     config: vae_lib.PhraseVAEConfig,
     params: Mapping[str, Any],
     base_config: Mapping[str, Any] | None = None,
+    with_tokenizer: bool = False,
 ) -> None:
-    """Writes an original PhraseVAE folder (each file atomically; config.json last)."""
+    """Writes an original PhraseVAE folder (each file atomically; config.json last).
+
+    ``with_tokenizer`` also writes ``tokenizer/`` (``vocab.Vocabulary.save_pretrained``) and
+    points ``tokenizer_repo_id`` at it (an absolute path), so that the original code loads
+    the folder offline instead of asking the hub for its tokenizer."""
     folder = os.fspath(folder)
     tensors, metadata = vae_tensors_for_export(params, config)
-    hf_config = original_vae_config(config, base_config)
+    tokenizer_dir = os.path.abspath(os.path.join(folder, TOKENIZER_DIR))
+    hf_config = original_vae_config(config, base_config, tokenizer_dir if with_tokenizer else None)
     os.makedirs(folder, exist_ok=True)
+    if with_tokenizer:
+        PHRASE_VOCAB.save_pretrained(tokenizer_dir)
     safetensors_io.write_safetensors(os.path.join(folder, WEIGHTS_FILE), tensors, metadata)
     fileio.write_json(os.path.join(folder, CONFIG_JSON), hf_config, sort_keys=False)
 
