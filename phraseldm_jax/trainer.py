@@ -283,6 +283,19 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def resolve_paths(config: ml_collections.ConfigDict, fields: tuple[str, ...]) -> None:
+    """Makes the dotted path ``fields`` of ``config`` (``"train.init_from"``) absolute with
+    ``~`` expanded, in place, so relative paths on a command line work and ``config.json``
+    records where they pointed; empty fields (off) and absent ones stay as they are."""
+    for dotted in fields:
+        *groups, name = dotted.split(".")
+        group = config
+        for part in groups:
+            group = group.get(part) if group is not None else None
+        if group is not None and group.get(name):
+            group[name] = fileio.user_path(group[name])
+
+
 # ----------------------------------------------------------------------------------------
 # The loop.
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+
+from phraseldm_jax.errors import CheckpointDamagedError
 
 
 class UsageError(Exception):
@@ -19,6 +22,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.required or action.default is None:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def path(text: str) -> str:
+    """argparse ``type`` of every path flag: ``~`` expanded; a relative path stays relative
+    to the working folder, as the user wrote it (the checkpoint layer makes its paths
+    absolute, ``fileio.user_path``, where Orbax needs it)."""
+    return os.path.expanduser(text)
 
 
 def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
@@ -69,9 +79,10 @@ def run_command(
 def run_parsed(
     prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace
 ) -> int:
-    """``run(args)``; a ``UsageError`` becomes ``prog: error: ...`` and exit status 2."""
+    """``run(args)``; a ``UsageError`` (or every checkpoint step damaged) becomes
+    ``prog: error: ...`` and exit status 2."""
     try:
         return int(run(args) or 0)
-    except UsageError as error:
+    except (UsageError, CheckpointDamagedError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
