@@ -392,8 +392,8 @@ def main(argv=None, decoder=None) -> int:
     check_model(parser, args, ldm_cfg)
     try:
         model = pretrained.load_ldm(args.checkpoint, args.which)
-    except CheckpointDamagedError as err:
-        parser.error(str(err))
+    except CheckpointDamagedError as err:  # the flags were fine: one line, no usage
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if model.checkpoint is not None:
         print(f"LDM checkpoint: {describe_checkpoint(model.checkpoint)}", file=sys.stderr)
     vae_workdir = args.vae_workdir or model.vae_workdir
@@ -409,7 +409,7 @@ def main(argv=None, decoder=None) -> int:
                 compute_dtype=args.dtype,
             )
         except CheckpointDamagedError as err:
-            parser.error(str(err))
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
     vae_used = getattr(decoder, "checkpoint", None)
     if vae_used is not None:
         print(f"VAE checkpoint: {describe_checkpoint(vae_used)}", file=sys.stderr)

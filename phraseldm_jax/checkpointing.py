@@ -243,7 +243,7 @@ class CheckpointStore:
             skipped.append((label, reason))
             later = steps[index + 1 :]
             warn_skipped(label, reason, f"{which}/{later[0]}" if later else None)
-        raise CheckpointDamagedError(_none_intact(self.workdir, which, skipped))
+        raise CheckpointDamagedError(_none_intact(self.workdir, skipped))
 
     def _restore_step(self, manager, which, step, abstract_state, data_iter):
         where = os.path.join(checkpoint_dir(self.workdir, which), str(step))
@@ -312,9 +312,9 @@ class CheckpointUsed:
         }
 
 
-def _none_intact(workdir: str, which: str, skipped: list[tuple[str, str]]) -> str:
+def _none_intact(workdir: str, skipped: list[tuple[str, str]]) -> str:
     listed = ", ".join(f"{label} ({why})" for label, why in skipped)
-    return f"no intact {which} checkpoint in {fileio.user_path(workdir)}: damaged {listed}"
+    return f"no intact checkpoint in {fileio.user_path(workdir)}: damaged {listed}"
 
 
 def _candidates(workdir: str, which: str, step: int | None, exact: bool) -> list[tuple[str, int]]:
@@ -357,7 +357,7 @@ def find_checkpoint(
         later = [f"{k}/{s}" for k, s in candidates[index + 1 :] if f"{k}/{s}" not in known]
         warn_skipped(label, reason, later[0] if later else None)
     if candidates:
-        raise CheckpointDamagedError(_none_intact(workdir, which, passed))
+        raise CheckpointDamagedError(_none_intact(workdir, passed))
     steps = finished_steps(workdir, which)
     at = "" if step is None else f" at step {step}"
     hint = f"try which={other!r}" if exact or step is not None else f"no {other} one either"

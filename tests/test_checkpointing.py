@@ -341,7 +341,7 @@ def test_best_falls_back_to_latest_when_its_step_is_damaged(tmp_path, capsys):
     assert "checkpoint best/2 is damaged (state/_METADATA missing); using latest/4" in (
         capsys.readouterr().err
     )
-    with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact best"):
+    with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact checkpoint"):
         checkpointing.find_checkpoint(tmp_path, "best", exact=True)
 
 
@@ -354,10 +354,10 @@ def test_every_step_damaged_is_one_line_error(tmp_path, capsys):
         checkpointing.load_trained(tmp_path, "latest")
     message = str(error.value)
     assert "\n" not in message and isinstance(error.value, FileNotFoundError)
-    assert message.startswith(f"no intact latest checkpoint in {tmp_path}: damaged latest/4 (")
+    assert message.startswith(f"no intact checkpoint in {tmp_path}: damaged latest/4 (")
     assert message.endswith("latest/2 (state/_METADATA missing)")
     store = checkpointing.CheckpointStore(tmp_path)
-    with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact latest"):
+    with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact checkpoint"):
         store.restore(jax.eval_shape(lambda: state), make_iter())
     store.close()
 
