@@ -80,7 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", type=common.path, required=True, help="the MIDI file to write"
     )
     reconstruct.add_argument(
-        "--slot_order", default="pitch_order", choices=phrases.SLOT_ORDERS, help="bar layout"
+        "--slot_order",
+        default="pitch_order",
+        choices=phrases.SLOT_ORDERS,
+        help="the bar layout --input is read into: pitch_order (remi-z order) or fixed "
+        "(POP909's programs 13, 25, 0 in slots 0-2)",
     )
 
 
