@@ -252,7 +252,9 @@ def describe_checkpoint(used) -> str:
     without a best checkpoint, damaged steps skipped)."""
     notes = []
     if used.which_used != used.which_asked:
-        notes.append(f"asked for {used.which_asked}, the workdir has no intact one")
+        notes.append(
+            f"asked for {used.which_asked}: the workdir has no intact {used.which_asked} one"
+        )
     if used.skipped:
         notes.append("skipped damaged " + ", ".join(label for label, _ in used.skipped))
     return used.label + (f" ({'; '.join(notes)})" if notes else "")

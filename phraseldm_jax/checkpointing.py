@@ -73,18 +73,20 @@ def step_damage(workdir: str, which: str, step: int) -> str | None:
 
 def _reason(error: BaseException) -> str:
     """One line for an error of Orbax / TensorStore reading a step (their messages can run to
-    many lines); quiets the reports that follow such an error."""
-    _silence_leftover_reports()
+    many lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0].split(" in OCDBT database")[0] if lines else type(error).__name__
+    if text.startswith("OUT_OF_RANGE"):  # TensorStore read past the end of a blob
+        text = "a data file is truncated: " + text
     return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _silence_leftover_reports() -> None:
     """After a failed read, Orbax's unfinished reads of the same step report themselves later,
     each with a traceback ("Event loop is closed", coroutines garbage-collected with their
-    error): dozens of lines after the one warning that already says what happened. From the
-    first failure on, those two kinds of report (and only they) are dropped."""
+    error): dozens of lines around the one warning that already says what happened. Installed
+    before the first read (the reports can come before the error reaches us), it drops those
+    two kinds of report and only them."""
     if getattr(sys, "_phraseldm_quiet_orbax", False):
         return
     sys._phraseldm_quiet_orbax = True
@@ -246,6 +248,7 @@ class CheckpointStore:
         raise CheckpointDamagedError(_none_intact(self.workdir, skipped))
 
     def _restore_step(self, manager, which, step, abstract_state, data_iter):
+        _silence_leftover_reports()
         where = os.path.join(checkpoint_dir(self.workdir, which), str(step))
         check_matches(where, manager.item_metadata(step)["state"].tree, abstract_state)
         restored = manager.restore(
@@ -404,6 +407,7 @@ def load_trained(
 
 def _restore_params(workdir: str, used: CheckpointUsed, target: Any) -> Any:
     """The params of one checkpoint step (host numpy arrays, or placed as ``target``)."""
+    _silence_leftover_reports()
     directory = checkpoint_dir(workdir, used.which_used)
     manager = ocp.CheckpointManager(
         directory,

@@ -6,6 +6,7 @@ error line with exit status 2."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,8 +114,8 @@ def test_sample_with_relative_paths_then_a_damaged_checkpoint(home):
     sample = f"{REPO}/sample.py"
     done = _run(home, sample, "--checkpoint", "runs/ldm", "--out", "songs", *SAMPLE)
     said = _said(done)
-    assert "LDM checkpoint: latest/2 (asked for best, the workdir has no intact one)" in said
-    assert "VAE checkpoint: latest/4 (asked for best, the workdir has no intact one)" in said
+    assert "LDM checkpoint: latest/2 (asked for best: the workdir has no intact best one)" in said
+    assert "VAE checkpoint: latest/4 (asked for best: the workdir has no intact best one)" in said
     summary = json.loads((home / "songs" / "summary.json").read_text())
     ldm = summary["checkpoints"]["ldm"]
     assert ldm["path"] == str(home / "runs" / "ldm")
@@ -145,15 +146,20 @@ def test_sample_with_relative_paths_then_a_damaged_checkpoint(home):
     ]
     assert "song_000.txt" in files and len(summary["songs"]) == 1
 
-    for root, _, names in os.walk(os.path.join(latest, "1", "state")):
-        for name in names:  # truncate the array data
-            if os.sep + "d" in root:
-                os.truncate(os.path.join(root, name), 8)
+    # Both steps' array data truncated (step 2's metadata put back: the same tree as step 1's),
+    # so that two reads fail (each failed read leaves Orbax reports behind that must not show).
+    shutil.copy(os.path.join(latest, "1", "state", "_METADATA"), os.path.join(latest, "2", "state"))
+    for step in ("1", "2"):
+        for root, _, names in os.walk(os.path.join(latest, step, "state")):
+            for name in names:
+                if os.sep + "d" in root:
+                    os.truncate(os.path.join(root, name), 8)
     done = _run(home, sample, "--checkpoint", "runs/ldm", "--out", "songs", *one, expect=2)
     said = _said(done)
     errors = [line for line in said if line.startswith("sample.py: error:")]
     assert len(errors) == 1 and "no intact checkpoint in" in errors[0], said
-    assert "damaged latest/2 (state/_METADATA missing), latest/1 (" in errors[0]
+    assert "damaged latest/2 (a data file is truncated: OUT_OF_RANGE" in errors[0]
+    assert "latest/1 (a data file is truncated: OUT_OF_RANGE" in errors[0]
     assert not any("Traceback" in line or "Event loop" in line for line in said), said
     assert len(said) <= 6, said
 
@@ -165,7 +171,6 @@ def test_a_command_on_a_workdir_with_no_intact_step_is_one_line(home):
     vae = ["-m", "phraseldm_jax", "vae", "encode", "--workdir", "runs/vae"]
     done = _run(home, *vae, "--input", "phrases.txt", "--output", "z2.npz", expect=2)
     said = _said(done)
-    assert said[-1].startswith("python -m phraseldm_jax ")  # the subcommand's name follows
-    assert ": error: no intact checkpoint in " in said[-1]
+    assert said[-1].startswith("python -m phraseldm_jax vae: error: no intact checkpoint in ")
     assert "damaged latest/4 (_CHECKPOINT_METADATA missing), latest/2 (" in said[-1]
     assert not any("Traceback" in line for line in said), said
