@@ -12,7 +12,9 @@ them (``D``: +2 from C major; ``Bm``: the same shift, from A minor). Every optio
 before anything is loaded or computed; a bad one exits with status 2 and says why.
 
 Output: ``song_000.mid`` ... (the original writes 90 bpm), ``song_000.txt`` ... (the REMI-z
-song strings, untransposed) and ``summary.json`` (bars per song, settings, seed, timings).
+song strings, untransposed) and ``summary.json`` (bars per song, settings, seed, timings, and
+the checkpoints asked for and used). Sampling again into the same ``--out`` first removes the
+songs an earlier run wrote there (``song_<n>.mid`` / ``.txt``); other files are left alone.
 
 Song length: as in the original (SPEC section 7), a song is the bars before the first decoded
 ``[SEP]``, so it can be shorter than ``--bars`` when the model ends it early (an undertrained
@@ -28,15 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
 from phraseldm_jax import fileio, sections
 from phraseldm_jax.cli import common
+from phraseldm_jax.errors import CheckpointDamagedError
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 KEY_PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 DEFAULT_FAST_STEPS = 50
+SONG_FILE = re.compile(r"song_\d+\.(mid|txt)")  # the names this script writes into --out
 
 
 def parse_key(text: str) -> int:
@@ -63,21 +68,73 @@ def parse_key(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="LDM workdir or original-layout folder")
-    p.add_argument("--which", default="best", choices=("best", "latest"), help="Orbax checkpoint")
-    p.add_argument("--vae_workdir", default=None, help="PhraseVAE workdir/folder (default: LDM's)")
-    p.add_argument("--out", required=True, help="output folder for MIDI files and summary.json")
-    p.add_argument("--num_songs", type=int, default=4)
-    p.add_argument("--bars", type=int, default=None, help="length condition, 1..128 bars")
-    p.add_argument("--plan", default=None, help='section plan, e.g. "i-8 A-8 B-8 X-4"')
-    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpmpp_2m"))
-    p.add_argument("--steps", type=int, default=None, help="1000 for ddpm, else 50 by default")
+    p = common.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=common.path,
+        help="LDM training workdir or original-layout folder (relative paths and ~ work)",
+    )
+    p.add_argument(
+        "--which",
+        default="best",
+        choices=("best", "latest"),
+        help="checkpoint of an LDM workdir: the newest intact one of this kind, else of the "
+        "other kind; the one used (LDM and VAE) is printed and in summary.json",
+    )
+    p.add_argument(
+        "--vae_workdir",
+        type=common.path,
+        default=None,
+        help="PhraseVAE workdir or original-layout folder; default: the one the LDM workdir "
+        "names (its config.json's vae.workdir)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=common.path,
+        help="output folder for the MIDI files, REMI-z texts and summary.json; the song_<n> "
+        "files of an earlier run there are removed first",
+    )
+    p.add_argument("--num_songs", type=int, default=4, help="songs to generate")
+    p.add_argument(
+        "--bars",
+        type=int,
+        default=None,
+        help="length condition, 1..128 bars; default: the plan's length, else 64 (the "
+        "paper's evaluation length) for a length-conditioned model, else none",
+    )
+    p.add_argument(
+        "--plan",
+        default=None,
+        help='section plan, e.g. "i-8 A-8 B-8 X-4" (section-conditioned models only, which '
+        "need one); default: none",
+    )
+    p.add_argument(
+        "--sampler", default="ddpm", choices=("ddpm", "ddim", "dpmpp_2m"), help="reverse process"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoising steps, 1..1000; default: 1000 for ddpm, {DEFAULT_FAST_STEPS} for ddim "
+        "and dpmpp_2m",
+    )
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale; 1 = none")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise (0 = deterministic)")
-    p.add_argument("--clip", default=None, choices=("scaled", "reference", "none"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--key", default=None, help="transpose to this key, e.g. D, Bb, F#m")
+    p.add_argument(
+        "--clip",
+        default=None,
+        choices=("scaled", "reference", "none"),
+        help="clipping of the predicted clean latents x0: scaled (the raw clip range divided "
+        "by the scale factor), reference (the raw value applied to scaled latents, as the "
+        "original), none; default: the checkpoint's (scaled for models trained here, "
+        "reference for the original's weights)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="rng seed (batch i uses fold_in(seed, i))")
+    p.add_argument(
+        "--key", default=None, help="transpose to this key, e.g. D, Bb, F#m; default: C / Am"
+    )
     p.add_argument("--tempo", type=float, default=90.0, help="bpm written into the MIDI files")
     p.add_argument("--batch_size", type=int, default=8, help="songs sampled together")
     p.add_argument("--max_decode_length", type=int, default=128, help="tokens per phrase")
@@ -169,6 +226,54 @@ def check_model(parser, args, ldm_cfg) -> None:
     bars = args.section_plan.n_bars if args.section_plan is not None else args.bars
     if bars is not None and bars > max_bars:
         parser.error(f"{bars} bars requested but {args.checkpoint} generates at most {max_bars}")
+
+
+def clear_earlier_songs(out: str) -> list[str]:
+    """Removes the songs an earlier run wrote into ``out`` (files named ``song_<n>.mid`` /
+    ``.txt``, and those its summary.json lists), so that the folder holds this run's songs and
+    its summary lists all of them; other files stay. Returns the names removed."""
+    names = set()
+    if os.path.isdir(out):
+        names = {n for n in os.listdir(out) if SONG_FILE.fullmatch(n)}
+        summary_path = os.path.join(out, "summary.json")
+        if os.path.isfile(summary_path):
+            try:
+                listed = json.load(open(summary_path)).get("songs", [])
+            except (OSError, ValueError, AttributeError):
+                listed = []
+            for entry in listed if isinstance(listed, list) else []:
+                for key in ("file", "text_file"):
+                    name = entry.get(key) if isinstance(entry, dict) else None
+                    if isinstance(name, str) and name == os.path.basename(name):
+                        names.add(name)
+    removed = []
+    for name in sorted(names):
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+            removed.append(name)
+    return removed
+
+
+def describe_checkpoint(used) -> str:
+    """``latest/6`` plus why, when it is not what was asked for (``--which best`` on a workdir
+    without a best checkpoint, damaged steps skipped)."""
+    notes = []
+    if used.which_used != used.which_asked:
+        notes.append(
+            f"asked for {used.which_asked}: the workdir has no intact {used.which_asked} one"
+        )
+    if used.skipped:
+        notes.append("skipped damaged " + ", ".join(label for label, _ in used.skipped))
+    return used.label + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def checkpoint_record(path: str, used) -> dict:
+    """summary.json's record of one model: the folder, and for a workdir the checkpoint asked
+    for and the one used."""
+    record = {"path": fileio.user_path(path)}
+    if used is not None:
+        record.update(used.as_dict())
+    return record
 
 
 def run(args, model, decoder, log=print) -> dict:
@@ -295,24 +400,41 @@ def main(argv=None, decoder=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     check_model(parser, args, ldm_cfg)
-    model = pretrained.load_ldm(args.checkpoint, args.which)
+    try:
+        model = pretrained.load_ldm(args.checkpoint, args.which)
+    except CheckpointDamagedError as err:  # the flags were fine: one line, no usage
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if model.checkpoint is not None:
+        print(f"LDM checkpoint: {describe_checkpoint(model.checkpoint)}", file=sys.stderr)
+    vae_workdir = args.vae_workdir or model.vae_workdir
     if decoder is None:
-        vae_workdir = args.vae_workdir or model.vae_workdir
         if not vae_workdir:
             parser.error(f"{args.checkpoint} names no PhraseVAE: give --vae_workdir")
         try:
             common.require_vae_folder(vae_workdir, "the LDM's PhraseVAE workdir")
         except common.UsageError as err:
             parser.error(f"{err}; give --vae_workdir")
-        decoder = PhraseVAEModel.from_workdir(
-            vae_workdir,
-            max_length=args.max_decode_length,
-            decode_batch_size=SONG_DECODE_BATCH,
-            devices=jax.local_devices(),
-            compute_dtype=args.dtype,
-        )
+        try:
+            decoder = PhraseVAEModel.from_workdir(
+                vae_workdir,
+                max_length=args.max_decode_length,
+                decode_batch_size=SONG_DECODE_BATCH,
+                devices=jax.local_devices(),
+                compute_dtype=args.dtype,
+            )
+        except CheckpointDamagedError as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+    vae_used = getattr(decoder, "checkpoint", None)
+    if vae_used is not None:
+        print(f"VAE checkpoint: {describe_checkpoint(vae_used)}", file=sys.stderr)
     loaded = time.perf_counter()
+    removed = clear_earlier_songs(args.out)
+    if removed:
+        print(f"removed {len(removed)} files of an earlier run from {args.out}", file=sys.stderr)
     summary = run(args, model, decoder, log=lambda m: print(m, file=sys.stderr))
+    summary["checkpoints"] = {"ldm": checkpoint_record(args.checkpoint, model.checkpoint)}
+    if vae_workdir and getattr(decoder, "source", None) is not None:
+        summary["checkpoints"]["vae"] = checkpoint_record(vae_workdir, vae_used)
     summary["timings"]["load_s"] = loaded - started
     summary["timings"]["total_s"] = time.perf_counter() - started
     summary_path = os.path.join(args.out, "summary.json")

@@ -14,12 +14,14 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from phraseldm_jax import ldm_task
+from phraseldm_jax import fileio, ldm_task, trainer
 from phraseldm_jax.cli import common
+from phraseldm_jax.errors import CheckpointDamagedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/ldm_*.py[:size]", lock_config=True)
 flags.DEFINE_bool("verbose", False, "show the log messages of absl, Orbax, JAX (hidden by default)")
+PATH_FIELDS = ("data.latent_dir", "vae.workdir", "eval.songs_dir")  # path fields of the config
 flags.DEFINE_string("workdir", None, "where checkpoints and metrics go")
 
 
@@ -27,7 +29,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logging(FLAGS.verbose)
-    result = ldm_task.train(FLAGS.config, FLAGS.workdir)
+    # Relative paths and ~ work (Orbax takes absolute paths only, and config.json keeps them).
+    trainer.resolve_paths(FLAGS.config, PATH_FIELDS)
+    workdir = fileio.user_path(FLAGS.workdir)
+    try:
+        result = ldm_task.train(FLAGS.config, workdir)
+    except CheckpointDamagedError as error:  # every step damaged: one line, not a traceback
+        raise SystemExit(common.usage_error("train_ldm.py", str(error))) from None
     print(f"done at step {result.step}: {result.metrics}")
 
 

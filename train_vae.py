@@ -15,12 +15,14 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from phraseldm_jax import vae_task
+from phraseldm_jax import fileio, trainer, vae_task
 from phraseldm_jax.cli import common
+from phraseldm_jax.errors import CheckpointDamagedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/vae_stage*.py[:size]", lock_config=True)
 flags.DEFINE_bool("verbose", False, "show the log messages of absl, Orbax, JAX (hidden by default)")
+PATH_FIELDS = ("train.init_from", "data.data_dir")  # path fields of the config
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics and test_metrics.json go")
 
 
@@ -28,7 +30,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logging(FLAGS.verbose)
-    summary = vae_task.train_and_test(FLAGS.config, FLAGS.workdir)
+    # Relative paths and ~ work (Orbax takes absolute paths only, and config.json keeps them).
+    trainer.resolve_paths(FLAGS.config, PATH_FIELDS)
+    workdir = fileio.user_path(FLAGS.workdir)
+    try:
+        summary = vae_task.train_and_test(FLAGS.config, workdir)
+    except CheckpointDamagedError as error:  # every step damaged: one line, not a traceback
+        raise SystemExit(common.usage_error("train_vae.py", str(error))) from None
     print(json.dumps({k: summary[k] for k in ("f1_op", "f1_opd", "f1_iopd", "loss")}, indent=2))
 
 

@@ -93,7 +93,7 @@ def write_latent_dataset(
     if missing:
         raise ValueError(f"{out_dir}: stats lack {missing}")
     if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)

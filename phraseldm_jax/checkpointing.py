@@ -15,13 +15,21 @@ step discovery ignores those names, so an interrupted save is never restored (ch
 SIGKILLing a process in the middle of a large save, docs/ARCHITECTURE.md; test_checkpointing
 replays what it left).
 The managers also delete such leftovers in the background when they open.
+
+A finished step can still be damaged (a truncated blob, a deleted ``_METADATA``): readers
+(``find_checkpoint``, ``load_trained``) and the trainer's resume (``CheckpointStore.restore``)
+skip such steps newest-first with one warning line each, use the newest intact one and record
+what they skipped; with none intact they raise ``CheckpointDamagedError`` (one line). Every
+path goes through ``fileio.user_path`` (Orbax takes absolute paths only).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
+import sys
 from typing import Any
 
 import grain.checkpoint as grain_ckpt
@@ -30,18 +38,75 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from phraseldm_jax import fileio, optim
-from phraseldm_jax.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointDamagedError, CheckpointMismatchError
 
 CHECKPOINTS = "checkpoints"
 WHICH = ("latest", "best")
 CONFIG_JSON = "config.json"  # the resolved config of a workdir (trainer, converter)
+# Files every finished step holds; a step without them (or with them unreadable) is damaged.
+STEP_METADATA = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"))
 
 
 def checkpoint_dir(workdir: str, which: str = "latest") -> str:
     """``<workdir>/checkpoints/<which>``."""
     if which not in WHICH:
         raise ValueError(f"which={which!r}: expected one of {WHICH}")
-    return os.path.join(os.fspath(workdir), CHECKPOINTS, which)
+    return os.path.join(fileio.user_path(workdir), CHECKPOINTS, which)
+
+
+def step_damage(workdir: str, which: str, step: int) -> str | None:
+    """Why the finished ``which`` step of ``workdir`` cannot be read, from its metadata files
+    (missing, unreadable, not JSON), or None when they look intact (a damaged array blob shows
+    only when it is read: see ``load_trained`` and ``CheckpointStore.restore``)."""
+    directory = os.path.join(checkpoint_dir(workdir, which), str(step))
+    for name in STEP_METADATA:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{name} missing"
+        try:
+            with open(path, "rb") as f:
+                json.loads(f.read())
+        except (OSError, ValueError) as error:
+            return f"{name} unreadable: {type(error).__name__}"
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """One line for an error of Orbax / TensorStore reading a step (their messages can run to
+    many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0].split(" in OCDBT database")[0] if lines else type(error).__name__
+    if text.startswith("OUT_OF_RANGE"):  # TensorStore read past the end of a blob
+        text = "a data file is truncated: " + text
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _silence_leftover_reports() -> None:
+    """After a failed read, Orbax's unfinished reads of the same step report themselves later,
+    each with a traceback ("Event loop is closed", coroutines garbage-collected with their
+    error): dozens of lines around the one warning that already says what happened. Installed
+    before the first read (the reports can come before the error reaches us), it drops those
+    two kinds of report and only them."""
+    if getattr(sys, "_phraseldm_quiet_orbax", False):
+        return
+    sys._phraseldm_quiet_orbax = True
+    previous = sys.unraisablehook
+
+    def unraisable(report) -> None:
+        code = getattr(report.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename:
+            return
+        if report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed":
+            return
+        previous(report)
+
+    sys.unraisablehook = unraisable
+
+
+def warn_skipped(label: str, reason: str, using: str | None) -> None:
+    """The one warning line for a damaged step (stderr), naming the step used instead."""
+    instead = f"; using {using}" if using else ""
+    print(f"checkpoint {label} is damaged ({reason}){instead}", file=sys.stderr, flush=True)
 
 
 def _handlers() -> dict:
@@ -88,9 +153,10 @@ class CheckpointStore:
     def __init__(self, workdir: str, keep_last: int = 3):
         if keep_last < 1:
             raise ValueError(f"train.keep_last={keep_last} must be >= 1")
-        self.workdir = os.fspath(workdir)
+        self.workdir = fileio.user_path(workdir)
+        self.restored: CheckpointUsed | None = None  # set by a restore of the newest intact
         self.latest = ocp.CheckpointManager(
-            checkpoint_dir(workdir, "latest"),
+            checkpoint_dir(self.workdir, "latest"),
             item_handlers=_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_last,
@@ -99,7 +165,7 @@ class CheckpointStore:
             ),
         )
         self.best = ocp.CheckpointManager(
-            checkpoint_dir(workdir, "best"),
+            checkpoint_dir(self.workdir, "best"),
             item_handlers=_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1,
@@ -141,17 +207,48 @@ class CheckpointStore:
     def restore(
         self, abstract_state: Any, data_iter: Any, which: str = "latest", step: int | None = None
     ) -> tuple[Any, dict]:
-        """``(state, progress)`` at ``step`` (default: newest), and ``data_iter`` repositioned.
+        """``(state, progress)`` at ``step``, and ``data_iter`` repositioned. Without ``step``:
+        the newest intact step, skipping damaged ones with one warning line each (the step
+        restored and those skipped are then ``self.restored``).
 
         ``abstract_state``: ShapeDtypeStructs whose ``sharding`` says where each array lands,
         so a checkpoint written on one mesh restores onto any other.
         """
         manager = self._manager(which)
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
+        if step is not None:
+            if step not in manager.all_steps():
+                raise FileNotFoundError(
+                    f"no {which} checkpoint at step {step} in {checkpoint_dir(self.workdir, which)}"
+                )
+            return self._restore_step(manager, which, step, abstract_state, data_iter)
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(
-                f"no {which} checkpoint at step {step} in {checkpoint_dir(self.workdir, which)}"
+                f"no {which} checkpoint in {checkpoint_dir(self.workdir, which)}"
             )
+        skipped: list[tuple[str, str]] = []
+        for index, candidate in enumerate(steps):
+            label = f"{which}/{candidate}"
+            reason = step_damage(self.workdir, which, candidate)
+            if reason is None:
+                try:
+                    restored = self._restore_step(
+                        manager, which, candidate, abstract_state, data_iter
+                    )
+                except CheckpointMismatchError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+                    reason = _reason(error)
+                else:
+                    self.restored = CheckpointUsed(which, which, candidate, tuple(skipped))
+                    return restored
+            skipped.append((label, reason))
+            later = steps[index + 1 :]
+            warn_skipped(label, reason, f"{which}/{later[0]}" if later else None)
+        raise CheckpointDamagedError(_none_intact(self.workdir, skipped))
+
+    def _restore_step(self, manager, which, step, abstract_state, data_iter):
+        _silence_leftover_reports()
         where = os.path.join(checkpoint_dir(self.workdir, which), str(step))
         check_matches(where, manager.item_metadata(step)["state"].tree, abstract_state)
         restored = manager.restore(
@@ -181,7 +278,7 @@ class CheckpointStore:
 def finished_steps(workdir: str, which: str) -> list[int]:
     """Sorted steps of the completed ``which`` checkpoints of ``workdir`` (no manager opened;
     Orbax's unfinished ``<step>.orbax-checkpoint-tmp*`` folders are not steps)."""
-    directory = checkpoint_dir(workdir, which)
+    directory = checkpoint_dir(workdir, which)  # absolute, ~ expanded
     if not os.path.isdir(directory):
         return []
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
@@ -189,34 +286,82 @@ def finished_steps(workdir: str, which: str) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointUsed:
-    """Which checkpoint a load asked for and which it read (they differ after a fallback)."""
+    """Which checkpoint a load asked for and which it read (they differ after a fallback).
+
+    skipped: ``(("latest/300", "state/_METADATA missing"), ...)``, the damaged steps passed
+    over on the way, newest first."""
 
     which_asked: str
     which_used: str
     step: int
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def path(self) -> str:
         return os.path.join(CHECKPOINTS, self.which_used, str(self.step))
 
+    @property
+    def label(self) -> str:
+        """``latest/200``: the kind and step, as the warnings name them."""
+        return f"{self.which_used}/{self.step}"
+
+    def as_dict(self) -> dict:
+        """For a summary.json: asked, used, step and what was skipped."""
+        return {
+            "which_asked": self.which_asked,
+            "which_used": self.which_used,
+            "step": self.step,
+            "skipped": [{"checkpoint": label, "reason": why} for label, why in self.skipped],
+        }
+
+
+def _none_intact(workdir: str, skipped: list[tuple[str, str]]) -> str:
+    listed = ", ".join(f"{label} ({why})" for label, why in skipped)
+    return f"no intact checkpoint in {fileio.user_path(workdir)}: damaged {listed}"
+
+
+def _candidates(workdir: str, which: str, step: int | None, exact: bool) -> list[tuple[str, int]]:
+    """``(kind, step)`` a load tries, in order: ``step``; else the ``which`` steps newest
+    first, then (unless ``exact``) the other kind's."""
+    if step is not None:
+        return [(which, step)] if step in finished_steps(workdir, which) else []
+    kinds = (which,) if exact else (which, "latest" if which == "best" else "best")
+    return [(kind, s) for kind in kinds for s in reversed(finished_steps(workdir, kind))]
+
 
 def find_checkpoint(
-    workdir: str, which: str = "best", step: int | None = None, exact: bool = False
+    workdir: str,
+    which: str = "best",
+    step: int | None = None,
+    exact: bool = False,
+    skipped: tuple[tuple[str, str], ...] = (),
 ) -> CheckpointUsed:
-    """The checkpoint a load of ``which`` reads: its newest step, or ``step``.
+    """The checkpoint a load of ``which`` reads: its newest intact step, or ``step``.
 
-    Unless ``exact`` (or a ``step`` is given), a workdir without a ``which`` checkpoint falls
-    back to the other kind (a run without evaluation has no best checkpoint). Raises
-    FileNotFoundError saying what is there.
+    Unless ``exact`` (or a ``step`` is given), a workdir without a ``which`` checkpoint (or
+    with only damaged ones) falls back to the other kind (a run without evaluation has no best
+    checkpoint). Damaged steps (``step_damage``, or listed in ``skipped`` by a caller that
+    failed to read them) are passed over, newest first, with one warning line each. Raises
+    FileNotFoundError saying what is there, or CheckpointDamagedError when every step is
+    damaged.
     """
     other = "latest" if which == "best" else "best"
+    candidates = _candidates(workdir, which, step, exact)
+    known = dict(skipped)
+    passed: list[tuple[str, str]] = [s for s in skipped]
+    for index, (kind, candidate) in enumerate(candidates):
+        label = f"{kind}/{candidate}"
+        if label in known:
+            continue
+        reason = step_damage(workdir, kind, candidate)
+        if reason is None:
+            return CheckpointUsed(which, kind, candidate, tuple(passed))
+        passed.append((label, reason))
+        later = [f"{k}/{s}" for k, s in candidates[index + 1 :] if f"{k}/{s}" not in known]
+        warn_skipped(label, reason, later[0] if later else None)
+    if candidates:
+        raise CheckpointDamagedError(_none_intact(workdir, passed))
     steps = finished_steps(workdir, which)
-    if step is not None and step in steps:
-        return CheckpointUsed(which, which, step)
-    if step is None and steps:
-        return CheckpointUsed(which, which, steps[-1])
-    if step is None and not exact and finished_steps(workdir, other):
-        return CheckpointUsed(which, other, finished_steps(workdir, other)[-1])
     at = "" if step is None else f" at step {step}"
     hint = f"try which={other!r}" if exact or step is not None else f"no {other} one either"
     raise FileNotFoundError(
@@ -242,7 +387,27 @@ def load_trained(
     sharding after checking that the paths and shapes match. For the next VAE stage, the LDM's
     frozen VAE, sampling, evaluation and export.
     """
-    used = find_checkpoint(workdir, which, step, exact)
+    skipped: tuple[tuple[str, str], ...] = ()
+    while True:
+        used = find_checkpoint(workdir, which, step, exact, skipped)
+        try:
+            return _restore_params(workdir, used, target), used
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+            reason = _reason(error)
+        skipped = (*used.skipped, (used.label, reason))
+        intact = [
+            f"{kind}/{s}"
+            for kind, s in _candidates(workdir, which, step, exact)
+            if f"{kind}/{s}" not in dict(skipped) and step_damage(workdir, kind, s) is None
+        ]
+        warn_skipped(used.label, reason, intact[0] if intact else None)
+
+
+def _restore_params(workdir: str, used: CheckpointUsed, target: Any) -> Any:
+    """The params of one checkpoint step (host numpy arrays, or placed as ``target``)."""
+    _silence_leftover_reports()
     directory = checkpoint_dir(workdir, used.which_used)
     manager = ocp.CheckpointManager(
         directory,
@@ -267,7 +432,7 @@ def load_trained(
                 )
             ),
         )
-        return restored["state"]["params"], used
+        return restored["state"]["params"]
     finally:
         manager.close()
 
@@ -284,7 +449,7 @@ def read_workdir_config(workdir: str, model_key: str | None = None) -> dict:
     """``<workdir>/config.json`` (the trainer's resolved config, or a converted model's) as a
     dict. ``model_key`` (``"t5"``: a PhraseVAE, ``"dit"``: a PhraseLDM) requires a ``model``
     group holding that entry. Errors name the file."""
-    path = os.path.join(os.fspath(workdir), CONFIG_JSON)
+    path = os.path.join(fileio.user_path(workdir), CONFIG_JSON)
     if not os.path.isfile(path):
         kind = {"t5": "PhraseVAE ", "dit": "PhraseLDM "}.get(model_key or "", "")
         raise FileNotFoundError(f"{path} not found: {workdir} is not a {kind}training workdir")
@@ -304,4 +469,4 @@ def write_workdir_config(workdir: str, config: Any) -> None:
         text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     else:
         text = fileio.json_text(config)
-    fileio.write_text(os.path.join(os.fspath(workdir), CONFIG_JSON), text)
+    fileio.write_text(os.path.join(fileio.user_path(workdir), CONFIG_JSON), text)

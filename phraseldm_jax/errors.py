@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+class CheckpointDamagedError(FileNotFoundError):
+    """Every checkpoint step a load or resume could use is damaged; the message (one line)
+    names each step and why."""
+
+
 class CheckpointMismatchError(ValueError):
     """Tensors and config disagree: lists every missing key, extra key and shape mismatch."""
 

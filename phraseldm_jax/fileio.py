@@ -18,6 +18,13 @@ from typing import Any
 PathLike = str | os.PathLike
 
 
+def user_path(path: PathLike) -> str:
+    """A path as a user gave it (relative to the working folder, ``~`` for the home folder)
+    made absolute: Orbax and TensorStore take absolute paths only, and a path printed or saved
+    in a summary then means the same thing from any folder."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def temporary_path(path: PathLike) -> str:
     """A fresh hidden name beside ``path`` that ends like it (writers that add a suffix, such as
     ``np.savez``, see the extension they expect)."""

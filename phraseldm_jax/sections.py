@@ -139,16 +139,16 @@ def parse_plan(
     where = _where(source)
     text = text.strip()
     sections = []
-    for index, (kind, length_text) in enumerate(_split_items(text, source)):
+    for number, (kind, length_text) in enumerate(_split_items(text, source), start=1):
         if kind not in SECTION_TYPES:
             raise SectionPlanError(
-                f"{where}unknown section type {kind!r} (section {index} of plan {text!r}); "
+                f"{where}unknown section type {kind!r} (section {number} of plan {text!r}); "
                 f"known types: {' '.join(SECTION_TYPES)}"
             )
         length = int(length_text)
         if not MIN_SECTION_LENGTH <= length <= MAX_SECTION_LENGTH:
             raise SectionPlanError(
-                f"{where}section {index} ({kind}{length_text}) of plan {text!r} is {length} "
+                f"{where}section {number} ({kind}{length_text}) of plan {text!r} is {length} "
                 f"bars long; lengths must be {MIN_SECTION_LENGTH}..{MAX_SECTION_LENGTH}"
             )
         sections.append(Section(kind, length))

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from phraseldm_jax import checkpointing, metric_writer, optim, sharding
+from phraseldm_jax import checkpointing, fileio, metric_writer, optim, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +283,19 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def resolve_paths(config: ml_collections.ConfigDict, fields: tuple[str, ...]) -> None:
+    """Makes the dotted path ``fields`` of ``config`` (``"train.init_from"``) absolute with
+    ``~`` expanded, in place, so relative paths on a command line work and ``config.json``
+    records where they pointed; empty fields (off) and absent ones stay as they are."""
+    for dotted in fields:
+        *groups, name = dotted.split(".")
+        group = config
+        for part in groups:
+            group = group.get(part) if group is not None else None
+        if group is not None and group.get(name):
+            group[name] = fileio.user_path(group[name])
+
+
 # ----------------------------------------------------------------------------------------
 # The loop.
 
@@ -308,6 +322,7 @@ def run(
         raise ValueError(
             "train.patience > 0 needs task.evaluate, train.eval_every > 0 and train.best_metric"
         )
+    workdir = fileio.user_path(workdir)  # Orbax takes absolute paths only
     os.makedirs(workdir, exist_ok=True)
     checkpointing.write_workdir_config(workdir, config)
 
@@ -327,9 +342,15 @@ def run(
     # Restore or init.
     store = checkpointing.CheckpointStore(workdir, keep_last=tc.keep_last)
     resume_step = store.latest_step()
-    if resume_step is not None:
+    if resume_step is not None:  # the newest intact step; damaged newer ones are reported
         target = sharding.with_shardings(abstract_state, state_sh)
         state, progress = store.restore(target, data_iter)
+        resume_step = store.restored.step
+        if store.restored.skipped:
+            skipped = ", ".join(label for label, _ in store.restored.skipped)
+            print(
+                f"resuming from {store.restored.label}; skipped damaged {skipped}", file=sys.stderr
+            )
         store.drop_best_after(resume_step)
     else:
         state, progress = jax.jit(init_fn, out_shardings=state_sh)(example), fresh_progress()

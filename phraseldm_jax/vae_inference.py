@@ -88,6 +88,7 @@ class PhraseVAEModel:
         )
         self.config = config
         self.source = source
+        self.checkpoint: checkpointing.CheckpointUsed | None = None  # set by from_workdir
         self.latent_dim = config.latent_dim
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
@@ -111,7 +112,9 @@ class PhraseVAEModel:
         original's layout (config.json + model.safetensors)."""
         loaded = pretrained.load_vae(workdir, which)
         kwargs.setdefault("max_length", loaded.max_length)
-        return cls(loaded.config, loaded.params, source=loaded.source, **kwargs)
+        model = cls(loaded.config, loaded.params, source=loaded.source, **kwargs)
+        model.checkpoint = loaded.checkpoint  # which step was read (None: an original folder)
+        return model
 
     @functools.cached_property
     def mesh(self) -> jax.sharding.Mesh:

@@ -272,3 +272,118 @@ def test_optimizer_state_paths_are_stable_strings():
     state = make_state()
     paths = optim.param_paths(state)
     assert "params/dense/kernel" in paths and "opt_state/0/nu/head/bias" in paths
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged steps: skipped newest-first, one warning line each, what was skipped recorded.
+
+
+def _two_steps(workdir, which="latest"):
+    state = make_state()
+    store = checkpointing.CheckpointStore(workdir)
+    for step in (2, 4):
+        store.save(which, step, state, make_iter(), {"step": step})
+    store.wait_until_finished()
+    store.close()
+    return state
+
+
+def _truncate_blobs(step_dir):
+    """Cuts every array data file of a step to a few bytes (what a full disk leaves)."""
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            if os.sep + "d" in root and os.path.getsize(os.path.join(root, name)) > 64:
+                os.truncate(os.path.join(root, name), 16)
+
+
+@pytest.mark.parametrize("damage", ["state/_METADATA", "_CHECKPOINT_METADATA", "blob"])
+def test_a_damaged_step_falls_back_to_the_newest_intact_one(tmp_path, capsys, damage):
+    state = _two_steps(tmp_path)
+    newest = os.path.join(checkpointing.checkpoint_dir(tmp_path, "latest"), "4")
+    if damage == "blob":
+        _truncate_blobs(newest)
+    else:
+        os.remove(os.path.join(newest, damage))
+    capsys.readouterr()
+
+    params, used = checkpointing.load_trained(tmp_path, "latest")
+    assert_trees_equal(params, state.params)
+    assert (used.which_used, used.step) == ("latest", 2)
+    ((label, reason),) = used.skipped
+    assert label == "latest/4"
+    if damage != "blob":
+        assert reason == f"{damage} missing"
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("WARNING:absl")]
+    assert lines == [f"checkpoint latest/4 is damaged ({reason}); using latest/2"], err
+    assert used.as_dict()["skipped"] == [{"checkpoint": "latest/4", "reason": reason}]
+
+    # The trainer's resume: the same step, the iterator and progress of step 2.
+    store = checkpointing.CheckpointStore(tmp_path)
+    _, progress = store.restore(jax.eval_shape(lambda: state), make_iter())
+    store.close()
+    assert progress == {"step": 2}
+    assert store.restored.step == 2 and store.restored.skipped[0][0] == "latest/4"
+
+
+def test_best_falls_back_to_latest_when_its_step_is_damaged(tmp_path, capsys):
+    _two_steps(tmp_path)
+    state = make_state()
+    store = checkpointing.CheckpointStore(tmp_path)
+    store.save("best", 2, state, make_iter(), {})
+    store.wait_until_finished()
+    store.close()
+    os.remove(
+        os.path.join(checkpointing.checkpoint_dir(tmp_path, "best"), "2", "state", "_METADATA")
+    )
+    used = checkpointing.find_checkpoint(tmp_path, "best")
+    assert (used.which_asked, used.which_used, used.step) == ("best", "latest", 4)
+    assert "checkpoint best/2 is damaged (state/_METADATA missing); using latest/4" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact checkpoint"):
+        checkpointing.find_checkpoint(tmp_path, "best", exact=True)
+
+
+def test_every_step_damaged_is_one_line_error(tmp_path, capsys):
+    state = _two_steps(tmp_path)
+    latest = checkpointing.checkpoint_dir(tmp_path, "latest")
+    _truncate_blobs(os.path.join(latest, "4"))
+    os.remove(os.path.join(latest, "2", "state", "_METADATA"))
+    with pytest.raises(checkpointing.CheckpointDamagedError) as error:
+        checkpointing.load_trained(tmp_path, "latest")
+    message = str(error.value)
+    assert "\n" not in message and isinstance(error.value, FileNotFoundError)
+    assert message.startswith(f"no intact checkpoint in {tmp_path}: damaged latest/4 (")
+    assert message.endswith("latest/2 (state/_METADATA missing)")
+    store = checkpointing.CheckpointStore(tmp_path)
+    with pytest.raises(checkpointing.CheckpointDamagedError, match="no intact checkpoint"):
+        store.restore(jax.eval_shape(lambda: state), make_iter())
+    store.close()
+
+
+def test_training_resumes_from_the_newest_intact_step(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    task, config = toy.make_task(), toy.small_config(num_steps=4, keep_last=3)
+    trainer.run(config, workdir, task, toy.make_train_iter_factory(batch_size=8))
+    os.remove(
+        os.path.join(checkpointing.checkpoint_dir(workdir, "latest"), "4", "state", "_METADATA")
+    )
+    capsys.readouterr()
+    longer = toy.small_config(num_steps=6, keep_last=3)
+    result = trainer.run(longer, workdir, task, toy.make_train_iter_factory(batch_size=8))
+    assert result.step == 6
+    err = capsys.readouterr().err
+    assert "checkpoint latest/4 is damaged (state/_METADATA missing); using latest/2" in err
+    assert "resuming from latest/2; skipped damaged latest/4" in err
+    assert checkpointing.step_damage(workdir, "latest", 4) is None  # saved again on the way
+
+
+def test_relative_and_home_paths(tmp_path, monkeypatch):
+    """Orbax takes absolute paths only: a relative workdir and one under ~ work."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    state = _two_steps("rel")
+    params, used = checkpointing.load_trained("~/rel", "latest")
+    assert_trees_equal(params, state.params) and used.step == 4
+    assert checkpointing.checkpoint_dir("rel") == str(tmp_path / "rel" / "checkpoints" / "latest")

@@ -155,7 +155,7 @@ def test_cli_vae_round_trip(tmp_path, capsys):
         "--workdir",
         tmp_path / "w",
     )
-    assert code == 1 and "already holds checkpoints" in err
+    assert code == 1 and "already holds checkpoints (pass --overwrite)" in err
 
 
 def test_cli_ldm_round_trip_keeps_the_section_order(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_round_trip(tmp_path):
 def test_overwrite_is_atomic_and_failures_leave_nothing(tmp_path):
     out = tmp_path / "latents"
     latent_records.write_latent_dataset(out, {"train": [_song(0, 2)]}, _stats())
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
         latent_records.write_latent_dataset(out, {"train": [_song(1, 2)]}, _stats())
 
     def broken():

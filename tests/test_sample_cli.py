@@ -36,6 +36,8 @@ def _refused(capsys, argv, decoder=None):
         (["--plan", " ".join(["A-32"] * 5)], "covers 160 bars; at most 128"),
         (["--plan", "A-8 B-8", "--bars", "20"], "covers 16 bars but --bars is 20"),
         (["--plan", "A8-B"], "malformed section"),
+        (["--plan", "A-8 B-40"], "section 2 (B40) of plan 'A-8 B-40' is 40 bars long"),
+        (["--plan", "A-8 Q-8"], "(section 2 of plan 'A-8 Q-8')"),
         (["--bars", "0"], "--bars must be in 1..128, got 0"),
         (["--bars", "129"], "--bars must be in 1..128, got 129"),
         (["--key", "H"], "unknown key 'H'"),
@@ -49,6 +51,24 @@ def test_bad_arguments(capsys, tmp_path, extra, message):
     err = _refused(capsys, ["--checkpoint", MISSING, "--out", str(tmp_path / "o"), *extra])
     assert message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_help_describes_every_flag_with_its_default(capsys):
+    """Every flag has a description; a flag without a fixed default says in words what it
+    does when left out (``--steps``: by sampler, ``--clip``: the checkpoint's)."""
+    parser = sample.build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert flags and all(a.help for a in flags)
+    for action in flags:
+        if action.default is None and not action.required:
+            assert "default" in action.help, action.option_strings
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--num_songs NUM_SONGS songs to generate (default: 4)" in text
+    assert "default: 1000 for ddpm, 50 for ddim and dpmpp_2m" in text
+    assert "default: the checkpoint's (scaled for models trained here" in text
+    assert "the song_<n> files of an earlier run there are removed first" in text
 
 
 def test_missing_checkpoint(capsys, tmp_path):

@@ -27,6 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, module in COMMANDS.items():
         sub = common.subcommand(subcommands, name, module.DESCRIPTION)
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        sub.set_defaults(_run=module.run, _name=name)  # args.command: a subcommand's own
     args = parser.parse_args(argv)
-    return common.run_parsed(f"{PROG} {args.command}", args._run, args)
+    return common.run_parsed(f"{PROG} {args._name}", args._run, args)

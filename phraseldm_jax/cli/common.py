@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
+from phraseldm_jax.errors import CheckpointDamagedError
+
 # Loggers whose INFO/WARNING lines are library chatter to a user: Orbax ("Item progress was
 # found in the checkpoint, but could not be restored"), JAX's backend probing ("Unable to
 # initialize backend tpu"), TFDS, Grain. --verbose lets them through again.
@@ -36,6 +38,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.required or action.default is None:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def path(text: str) -> str:
+    """argparse ``type`` of every path flag: ``~`` expanded; a relative path stays relative
+    to the working folder, as the user wrote it (the checkpoint layer makes its paths
+    absolute, ``fileio.user_path``, where Orbax needs it)."""
+    return os.path.expanduser(text)
 
 
 def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
@@ -118,11 +127,12 @@ def run_command(
 def run_parsed(
     prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace
 ) -> int:
-    """``run(args)``; a ``UsageError`` becomes ``prog: error: ...`` and exit status 2."""
+    """``run(args)``; a ``UsageError`` (or every checkpoint step damaged) becomes
+    ``prog: error: ...`` and exit status 2."""
     quiet_logging(getattr(args, "verbose", False))
     try:
         return int(run(args) or 0)
-    except UsageError as error:
+    except (UsageError, CheckpointDamagedError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
+from phraseldm_jax import fileio
 from phraseldm_jax.cli import common
 
 PROG = "python -m phraseldm_jax.cli.convert"
@@ -44,20 +45,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = common.add_subcommands(parser)
     imp = common.subcommand(commands, "import", IMPORT)
     imp.add_argument("--kind", required=True, choices=("vae", "ldm"), help="model kind")
-    imp.add_argument("--src", required=True, help="original folder or Lightning .ckpt")
-    imp.add_argument("--workdir", required=True, help="workdir to write")
-    imp.add_argument("--section_order", default=None, help="JSON file: the section id order")
-    imp.add_argument("--vae_workdir", default="", help="LDM: the PhraseVAE workdir it uses")
+    imp.add_argument(
+        "--src", type=common.path, required=True, help="original folder or Lightning .ckpt"
+    )
+    imp.add_argument("--workdir", type=common.path, required=True, help="workdir to write")
+    imp.add_argument(
+        "--section_order", type=common.path, default=None, help="JSON file: the section id order"
+    )
+    imp.add_argument(
+        "--vae_workdir", type=common.path, default="", help="LDM: the PhraseVAE workdir it uses"
+    )
     imp.add_argument("--trust_pickle", action="store_true", help=".ckpt: weights_only=False")
     imp.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
     exp = common.subcommand(commands, "export", EXPORT)
     exp.add_argument("--kind", required=True, choices=("vae", "ldm"), help="model kind")
-    exp.add_argument("--workdir", required=True, help="our workdir (converted or trained here)")
-    exp.add_argument("--dst", required=True, help="folder to write")
+    exp.add_argument(
+        "--workdir", type=common.path, required=True, help="our workdir (converted or trained here)"
+    )
+    exp.add_argument("--dst", type=common.path, required=True, help="folder to write")
     exp.add_argument(
         "--which", default="best", choices=("best", "latest"), help="checkpoint to export"
     )
-    exp.add_argument("--section_order", default=None, help="JSON file: section order to write")
+    exp.add_argument(
+        "--section_order", type=common.path, default=None, help="JSON file: section order to write"
+    )
     exp.add_argument("--overwrite", action="store_true", help="replace an existing export")
 
 
@@ -89,7 +100,9 @@ def run_import(args, log=print) -> None:
             args.src, section_order=args.section_order, trust_pickle=args.trust_pickle
         )
     read_s = time.perf_counter() - start
-    api.save_workdir(model, args.workdir, vae_workdir=args.vae_workdir, overwrite=args.overwrite)
+    # Absolute in config.json, so the LDM finds its VAE from any working folder.
+    vae_workdir = fileio.user_path(args.vae_workdir) if args.vae_workdir else ""
+    api.save_workdir(model, args.workdir, vae_workdir=vae_workdir, overwrite=args.overwrite)
     write_s = time.perf_counter() - start - read_s
     log(f"imported {_describe(model)} from {args.src}")
     log(f"wrote {args.workdir}: read+convert {read_s:.2f} s, write {write_s:.2f} s")

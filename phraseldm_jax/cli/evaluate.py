@@ -27,9 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Flags without a default are absent unless given (SUPPRESS): the workdir config's eval.*
     # values stand, and --help shows no "(default: None)".
     parser.argument_default = argparse.SUPPRESS
-    parser.add_argument("--workdir", required=True, help="PhraseLDM training workdir")
+    parser.add_argument(
+        "--workdir", type=common.path, required=True, help="PhraseLDM training workdir"
+    )
     parser.add_argument("--which", default="best", choices=checkpointing.WHICH, help="checkpoint")
-    parser.add_argument("--out", help="also write the metrics to this JSON file")
+    parser.add_argument("--out", type=common.path, help="also write the metrics to this JSON file")
     parser.add_argument("--sampler", choices=diffusion.SAMPLERS, help=f"sampler {KEEP}")
     parser.add_argument("--steps", type=int, dest="num_steps", help=f"sampler steps {KEEP}")
     parser.add_argument("--num_songs", type=int, help=f"songs to generate {KEEP}")
@@ -39,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", choices=sampler.CLIP_MODES, help=f"x0 clip mode {KEEP}")
     parser.add_argument("--target_bars", type=int, help=f"length condition {KEEP}")
     parser.add_argument("--seed", type=int, help=f"sampling seed {KEEP}")
-    parser.add_argument("--songs_dir", help=f"prepared songs dataset (melody memorisation) {KEEP}")
+    parser.add_argument(
+        "--songs_dir", type=common.path, help=f"prepared songs dataset (melody memorisation) {KEEP}"
+    )
     parser.add_argument("--fid_split", help=f"split of the real PhraseFID songs {KEEP}")
     parser.add_argument(
         "--loss_batches", type=int, help=f"validation-loss batches, 0 = skip {KEEP}"

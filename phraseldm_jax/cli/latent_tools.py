@@ -30,12 +30,15 @@ BARS = "Decoded bars along the path between bars --bar_a and --bar_b of --midi, 
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--workdir", required=True, help="PhraseVAE (stage 3) training workdir or original folder"
+        "--workdir",
+        type=common.path,
+        required=True,
+        help="PhraseVAE (stage 3) training workdir or original folder",
     )
     parser.add_argument(
         "--checkpoint", default="best", choices=checkpointing.WHICH, help="checkpoint to load"
     )
-    parser.add_argument("--output", required=True, help="MIDI file to write")
+    parser.add_argument("--output", type=common.path, required=True, help="MIDI file to write")
     parser.add_argument("--tempo", type=float, default=songs.REFERENCE_TEMPO, help="bpm")
 
 
@@ -60,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_path_flags(between)
     bars = common.subcommand(commands, "bars", BARS)
     _add_common_flags(bars)
-    bars.add_argument("--midi", required=True, help="the song holding both bars")
+    bars.add_argument("--midi", type=common.path, required=True, help="the song holding both bars")
     bars.add_argument("--bar_a", type=int, default=0, help="the first bar (0-based)")
     bars.add_argument("--bar_b", type=int, default=1, help="the last bar (0-based)")
     _add_path_flags(bars)

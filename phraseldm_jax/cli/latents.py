@@ -22,12 +22,20 @@ range and the special latents (see ``phraseldm_jax/latent_dataset.py``).
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--vae_workdir", required=True, help="PhraseVAE stage-3 training workdir or original folder"
+        "--vae_workdir",
+        type=common.path,
+        required=True,
+        help="PhraseVAE stage-3 training workdir or original folder",
     )
     parser.add_argument(
-        "--data_dir", required=True, help="datasets built by python -m phraseldm_jax.cli.prepare"
+        "--data_dir",
+        type=common.path,
+        required=True,
+        help="datasets built by python -m phraseldm_jax.cli.prepare",
     )
-    parser.add_argument("--out", required=True, help="the latent dataset folder to write")
+    parser.add_argument(
+        "--out", type=common.path, required=True, help="the latent dataset folder to write"
+    )
     parser.add_argument(
         "--slot_order",
         default="pitch_order",

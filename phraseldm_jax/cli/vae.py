@@ -44,7 +44,10 @@ SOURCES = ("auto", "pop909", "midi")
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--workdir", required=True, help="PhraseVAE (stage 3) training workdir or original folder"
+        "--workdir",
+        type=common.path,
+        required=True,
+        help="PhraseVAE (stage 3) training workdir or original folder",
     )
     parser.add_argument(
         "--checkpoint", default="best", choices=checkpointing.WHICH, help="checkpoint to load"
@@ -61,22 +64,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = common.add_subcommands(parser)
     encode = common.subcommand(commands, "encode", ENCODE)
     _add_model_flags(encode)
-    encode.add_argument("--input", required=True, help="phrases, one per line")
-    encode.add_argument("--output", required=True, help="the .npz to write")
+    encode.add_argument("--input", type=common.path, required=True, help="phrases, one per line")
+    encode.add_argument("--output", type=common.path, required=True, help="the .npz to write")
     encode.add_argument("--sample", action="store_true", help="posterior samples, not means")
     encode.add_argument("--seed", type=int, default=0, help="rng seed of --sample")
     decode = common.subcommand(commands, "decode", DECODE)
     _add_model_flags(decode)
-    decode.add_argument("--input", required=True, help="latents: .npy, or .npz with 'mean'")
-    decode.add_argument("--output", required=True, help="the text file to write")
-    decode.add_argument("--song", default="", help="also write the rows as a song to this MIDI")
+    decode.add_argument(
+        "--input", type=common.path, required=True, help="latents: .npy, or .npz with 'mean'"
+    )
+    decode.add_argument("--output", type=common.path, required=True, help="the text file to write")
+    decode.add_argument(
+        "--song", type=common.path, default="", help="also write the rows as a song to this MIDI"
+    )
     decode.add_argument("--tempo", type=float, default=songs.REFERENCE_TEMPO, help="bpm of --song")
     reconstruct = common.subcommand(commands, "reconstruct", RECONSTRUCT)
     _add_model_flags(reconstruct)
-    reconstruct.add_argument("--input", required=True, help="the MIDI file to reconstruct")
-    reconstruct.add_argument("--output", required=True, help="the MIDI file to write")
     reconstruct.add_argument(
-        "--slot_order", default="pitch_order", choices=phrases.SLOT_ORDERS, help="bar layout"
+        "--input", type=common.path, required=True, help="the MIDI file to reconstruct"
+    )
+    reconstruct.add_argument(
+        "--output", type=common.path, required=True, help="the MIDI file to write"
+    )
+    reconstruct.add_argument(
+        "--slot_order",
+        default="pitch_order",
+        choices=phrases.SLOT_ORDERS,
+        help="the bar layout --input is read into: pitch_order (remi-z order) or fixed "
+        "(POP909's programs 13, 25, 0 in slots 0-2)",
     )
     reconstruct.add_argument(
         "--source",

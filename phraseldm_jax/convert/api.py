@@ -328,7 +328,7 @@ def save_workdir(
     checkpoints = os.path.join(workdir, checkpointing.CHECKPOINTS)
     if os.path.exists(checkpoints):
         if not overwrite:
-            raise FileExistsError(f"{workdir} already holds checkpoints (pass overwrite=True)")
+            raise FileExistsError(f"{workdir} already holds checkpoints (pass --overwrite)")
         shutil.rmtree(checkpoints)
     config = _workdir_config(model, vae_workdir)
     manager = ocp.CheckpointManager(
