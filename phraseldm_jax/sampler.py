@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from phraseldm_jax import diffusion, ldm, sharding
 from phraseldm_jax.sharding import BATCH_AXES
 
-CLIP_MODES = ("scaled", "reference", "none")
+CLIP_MODES = diffusion.CLIP_MODES
 
 
 @dataclasses.dataclass(frozen=True)
