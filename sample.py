@@ -18,8 +18,9 @@ Song length: as in the original (SPEC section 7), a song is the bars before the 
 ``[SEP]``, so it can be shorter than ``--bars`` when the model ends it early (an undertrained
 model does). Every song gets one line on stderr; a shorter one says so (``song_001: 7 bars,
 asked for 32 (ended at [SEP])``) and its summary entry has ``requested_bars``, ``n_bars`` and
-``short: true``. A song without bars (the model's first slot ends it) or without notes gets no
-MIDI file: ``"written": false`` and a ``reason`` in the summary, its ``.txt`` kept. Repeated
+``short: true``. A song without bars (its ``[SEP]`` comes before the first ``b-1``) gets no
+MIDI file: ``"written": false`` and a ``reason`` in the summary, its ``.txt`` kept; a song of
+silent bars lasts to the end of its last bar. Repeated
 notes are dropped and notes held past the last bar cut (``songs.clean_notes``; counted per
 song). ``--force_length`` (off by default)
 instead reads exactly the requested bars by position from the 4-latents-per-bar layout, whatever
@@ -182,8 +183,8 @@ def check_model(parser, args, ldm_cfg) -> None:
 
 def song_entry(name: str, song, requested: int | None, forced: bool) -> dict:
     """A song's ``summary.json`` entry: its files, bars against ``requested``, whether its
-    MIDI file is written and, when not, why (a song without bars, or without notes, is never
-    written as a MIDI file; its ``.txt`` keeps what the model decoded)."""
+    MIDI file is written and, when not, why (a song without bars is never written as a MIDI
+    file; its ``.txt`` keeps what the model decoded)."""
     entry = {
         "file": f"{name}.mid",
         "text_file": f"{name}.txt",
@@ -209,8 +210,6 @@ def song_entry(name: str, song, requested: int | None, forced: bool) -> dict:
             if tokens
             else ""
         )
-    elif song.n_notes == 0:
-        entry["reason"] = f"no notes in its {song.n_bars} bars"
     else:
         entry["written"] = True
     if not entry["written"]:
@@ -231,7 +230,9 @@ def song_line(entry: dict) -> str:
         line += f", asked for {entry['requested_bars']} ({why})"
     if entry.get("note"):
         line += f" ({entry['note']})"
-    if entry["written"]:
+    if entry["written"] and not entry["n_notes"]:
+        line += f", no notes (silent bars) -> {entry['file']}"
+    elif entry["written"]:
         line += f", {entry['n_notes']} notes -> {entry['file']}"
         if entry["duplicate_notes_removed"]:
             line += f" ({entry['duplicate_notes_removed']} repeated notes dropped)"
@@ -294,7 +295,7 @@ def run(args, model, decoder, log=print) -> dict:
                     os.path.join(args.out, entry["file"]),
                     tempo=args.tempo,
                     semitones=args.semitones,
-                    keep_silent_bars=args.force_length,
+                    keep_silent_bars=args.force_length or not song.n_notes,
                 )
             songs_out.append(entry)
         t3 = time.perf_counter()
