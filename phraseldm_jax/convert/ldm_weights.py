@@ -310,13 +310,17 @@ def conventions_from_hf_config(hf_config: Mapping[str, Any]) -> dict[str, str]:
     return conventions
 
 
-def hf_config_from_ldm_config(config: PhraseLDMConfig, clip: str = "reference") -> dict[str, Any]:
-    """The original's ``config.json`` contents for ``config``, sampled with ``clip``; a model
-    whose clip or section bias is not the original's gets a ``CONVENTIONS_KEY`` group too."""
-    conventions = {"clip": clip, "cross_bias_mode": config.cross_bias_mode}
-    extra = {CONVENTIONS_KEY: conventions} if conventions != ORIGINAL_CONVENTIONS else {}
-    if clip not in diffusion.CLIP_MODES:
-        raise ValueError(f"clip must be one of {diffusion.CLIP_MODES}, got {clip!r}")
+def hf_config_from_ldm_config(config: PhraseLDMConfig, clip: str | None = None) -> dict[str, Any]:
+    """The original's ``config.json`` contents for ``config``. Given ``clip`` (the mode the
+    model samples with), a model whose clip or section bias is not the original's also gets a
+    ``CONVENTIONS_KEY`` group; None writes the original's keys only."""
+    extra = {}
+    if clip is not None:
+        if clip not in diffusion.CLIP_MODES:
+            raise ValueError(f"clip must be one of {diffusion.CLIP_MODES}, got {clip!r}")
+        conventions = {"clip": clip, "cross_bias_mode": config.cross_bias_mode}
+        if conventions != ORIGINAL_CONVENTIONS:
+            extra[CONVENTIONS_KEY] = conventions
     return {
         "model_config": config.dit.to_model_config(),
         "scale_factor": config.scale_factor,
@@ -375,10 +379,10 @@ def load_hf_checkpoint(folder: str | os.PathLike, **overrides) -> tuple[PhraseLD
 
 
 def save_hf_checkpoint(
-    folder: str | os.PathLike, params: Mapping, config: PhraseLDMConfig, clip: str = "reference"
+    folder: str | os.PathLike, params: Mapping, config: PhraseLDMConfig, clip: str | None = None
 ) -> None:
     """Writes ``config.json`` and ``model.safetensors`` in the original's layout (atomically);
-    ``clip``: the sampling clip convention recorded (``hf_config_from_ldm_config``)."""
+    ``clip``: the clip mode to record (``hf_config_from_ldm_config``; None: none)."""
     from safetensors.numpy import save_file
 
     folder = os.fspath(folder)
