@@ -353,3 +353,23 @@ def test_the_command_with_its_defaults_in_a_subprocess(tmp_path):
             spots, end = _midi_spots(str(out / song["file"]))
             assert max(collections.Counter(spots).values()) == 1
             assert end <= song["n_bars"] * 4 * mido.MidiFile(str(out / song["file"])).ticks_per_beat
+
+
+class _SilentDecoder:
+    """Every song: 3 bars without notes, then [SEP]."""
+
+    def decode(self, latents):
+        song = (["[INST]", "[INST]", "[INST]", "b-1"] * 3 + ["[SEP]"] * 64)[:64]
+        return song * (len(latents) // 64)
+
+
+def test_a_song_of_silent_bars_lasts_to_its_last_bar(tmp_path, capsys):
+    out = tmp_path / "songs"
+    argv = ["--checkpoint", _workdir(tmp_path), "--out", str(out), "--num_songs", "1",
+            "--bars", "12", "--steps", "2", "--tempo", "120"]  # fmt: skip
+    assert sample.main(argv, _SilentDecoder()) == 0
+    err = capsys.readouterr().err
+    assert "song_000: 3 bars, asked for 12 (ended at [SEP]), no notes (silent bars)" in err
+    song = json.loads((out / "summary.json").read_text())["songs"][0]
+    assert (song["written"], song["n_notes"]) == (True, 0)
+    assert mido.MidiFile(str(out / "song_000.mid")).length == pytest.approx(3 * 2.0, abs=1e-3)
