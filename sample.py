@@ -224,7 +224,7 @@ def song_entry(name: str, song, requested: int | None, forced: bool) -> dict:
 def song_line(entry: dict) -> str:
     """One plain line per song: its bars, what was asked, and what was written."""
     name = entry["text_file"][: -len(".txt")]
-    line = f"{name}: {entry['n_bars']} bars"
+    line = f"{name}: {entry['n_bars']} bar{'' if entry['n_bars'] == 1 else 's'}"
     if entry["short"]:
         why = "ended at [SEP]" if entry["ended_at_sep"] else "no [SEP], fewer b-1 in its slots"
         line += f", asked for {entry['requested_bars']} ({why})"

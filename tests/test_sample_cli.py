@@ -345,7 +345,7 @@ def test_the_command_with_its_defaults_in_a_subprocess(tmp_path):
     for index, song in enumerate(summary["songs"]):
         name = f"song_{index:03d}"
         assert song["requested_bars"] == 12 and song["short"] == (song["n_bars"] < 12)
-        assert any(line.startswith(f"{name}: {song['n_bars']} bars") for line in lines)
+        assert any(line.startswith(f"{name}: {song['n_bars']} bar") for line in lines)
         assert (out / f"{name}.mid").exists() == song["written"]
         if song["n_bars"] == 0:
             assert not song["written"] and song["reason"].startswith("no bars")
