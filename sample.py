@@ -235,7 +235,8 @@ def song_line(entry: dict) -> str:
     elif entry["written"]:
         line += f", {entry['n_notes']} notes -> {entry['file']}"
         if entry["duplicate_notes_removed"]:
-            line += f" ({entry['duplicate_notes_removed']} repeated notes dropped)"
+            dropped = entry["duplicate_notes_removed"]
+            line += f" ({dropped} repeated note{'' if dropped == 1 else 's'} dropped)"
     else:
         line += f"; no MIDI file written: {entry['reason']}"
     return line
