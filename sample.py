@@ -18,7 +18,13 @@ songs an earlier run wrote there (``song_<n>.mid`` / ``.txt``); other files are 
 
 Song length: as in the original (SPEC section 7), a song is the bars before the first decoded
 ``[SEP]``, so it can be shorter than ``--bars`` when the model ends it early (an undertrained
-model does; ``summary.json`` has the bars of every song). ``--force_length`` (off by default)
+model does). Every song gets one line on stderr; a shorter one says so (``song_001: 7 bars,
+asked for 32 (ended at [SEP])``) and its summary entry has ``requested_bars``, ``n_bars`` and
+``short: true``. A song without bars (its ``[SEP]`` comes before the first ``b-1``) gets no
+MIDI file: ``"written": false`` and a ``reason`` in the summary, its ``.txt`` kept; a song of
+silent bars lasts to the end of its last bar. Repeated
+notes are dropped and notes held past the last bar cut (``songs.clean_notes``; counted per
+song). ``--force_length`` (off by default)
 instead reads exactly the requested bars by position from the 4-latents-per-bar layout, whatever
 the model marked as the end: no note is invented, bars past the model's end are usually
 silent, and the MIDI file lasts to the end of the last bar; ``bars_before_sep`` in the summary
@@ -40,6 +46,7 @@ from phraseldm_jax.errors import CheckpointDamagedError
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 KEY_PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+DEFAULT_SAMPLER = "dpmpp_2m"  # the best measured sampler (docs/LDM_RESULTS.md)
 DEFAULT_FAST_STEPS = 50
 SONG_FILE = re.compile(r"song_\d+\.(mid|txt)")  # the names this script writes into --out
 
@@ -111,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "need one); default: none",
     )
     p.add_argument(
-        "--sampler", default="ddpm", choices=("ddpm", "ddim", "dpmpp_2m"), help="reverse process"
+        "--sampler",
+        default=DEFAULT_SAMPLER,
+        choices=("ddpm", "ddim", "dpmpp_2m"),
+        help=f"{DEFAULT_SAMPLER} at {DEFAULT_FAST_STEPS} steps is the best measured setting "
+        "(docs/LDM_RESULTS.md: lowest PhraseFID of the samplers on the same model and noise); "
+        "ddpm runs the original's 1000 steps",
     )
     p.add_argument(
         "--steps",
@@ -276,6 +288,67 @@ def checkpoint_record(path: str, used) -> dict:
     return record
 
 
+def song_entry(name: str, song, requested: int | None, forced: bool) -> dict:
+    """A song's ``summary.json`` entry: its files, bars against ``requested``, whether its
+    MIDI file is written and, when not, why (a song without bars is never written as a MIDI
+    file; its ``.txt`` keeps what the model decoded)."""
+    entry = {
+        "file": f"{name}.mid",
+        "text_file": f"{name}.txt",
+        "requested_bars": requested,
+        "n_bars": song.n_bars,
+        "bars_before_sep": song.bars_before_sep,
+        "short": requested is not None and song.n_bars < requested,
+        "ended_at_sep": song.ended_at_sep,
+        "written": False,
+        "reason": None,
+        "n_notes": song.n_notes,
+        "duplicate_notes_removed": song.cleanup.duplicates,
+        "notes_cut_at_end": song.cleanup.cut_at_end,
+        "error": song.error,
+    }
+    if song.multitrack is None:
+        entry["reason"] = f"remi-z cannot read the decoded text ({song.error})"
+    elif song.n_bars == 0:
+        end = "the model ended the song ([SEP]) before" if song.ended_at_sep else "no slot holds"
+        tokens = len(song.text.split())
+        entry["reason"] = f"no bars: {end} its first b-1" + (
+            f"; the {tokens} tokens of its unfinished bar are kept in {entry['text_file']}"
+            if tokens
+            else ""
+        )
+    else:
+        entry["written"] = True
+    if not entry["written"]:
+        entry["file"] = None
+    if forced and song.bars_before_sep < song.n_bars:
+        entry["note"] = (
+            f"forced to {song.n_bars} bars; the model ended it at bar {song.bars_before_sep}"
+        )
+    return entry
+
+
+def song_line(entry: dict) -> str:
+    """One plain line per song: its bars, what was asked, and what was written."""
+    name = entry["text_file"][: -len(".txt")]
+    line = f"{name}: {entry['n_bars']} bar{'' if entry['n_bars'] == 1 else 's'}"
+    if entry["short"]:
+        why = "ended at [SEP]" if entry["ended_at_sep"] else "no [SEP], fewer b-1 in its slots"
+        line += f", asked for {entry['requested_bars']} ({why})"
+    if entry.get("note"):
+        line += f" ({entry['note']})"
+    if entry["written"] and not entry["n_notes"]:
+        line += f", no notes (silent bars) -> {entry['file']}"
+    elif entry["written"]:
+        line += f", {entry['n_notes']} notes -> {entry['file']}"
+        if entry["duplicate_notes_removed"]:
+            dropped = entry["duplicate_notes_removed"]
+            line += f" ({dropped} repeated note{'' if dropped == 1 else 's'} dropped)"
+    else:
+        line += f"; no MIDI file written: {entry['reason']}"
+    return line
+
+
 def run(args, model, decoder, log=print) -> dict:
     """Samples ``args.num_songs`` songs in batches and writes them; returns the summary."""
     # Imported here, not at the top: jax and the models are heavy, and every option is checked
@@ -322,20 +395,16 @@ def run(args, model, decoder, log=print) -> dict:
         t2 = time.perf_counter()
         for offset, song in enumerate(decoded):
             name = f"song_{start + offset:03d}"
-            entry = {"file": f"{name}.mid", "text_file": f"{name}.txt", "n_bars": song.n_bars}
-            entry["bars_before_sep"] = song.bars_before_sep
-            entry["error"] = song.error
-            fileio.write_text(os.path.join(args.out, f"{name}.txt"), song.text + "\n")
-            if song.multitrack is not None:
+            entry = song_entry(name, song, target, args.force_length)
+            fileio.write_text(os.path.join(args.out, entry["text_file"]), song.text + "\n")
+            if entry["written"]:
                 songs.write_midi(
                     song.multitrack,
                     os.path.join(args.out, entry["file"]),
                     tempo=args.tempo,
                     semitones=args.semitones,
-                    keep_silent_bars=args.force_length,
+                    keep_silent_bars=args.force_length or not song.n_notes,
                 )
-            else:
-                entry["file"] = None
             songs_out.append(entry)
         t3 = time.perf_counter()
         timings["compile_s"] += sampler.compile_seconds
@@ -345,12 +414,19 @@ def run(args, model, decoder, log=print) -> dict:
         bar.update(n)
         bar.set_postfix(bars=[s.n_bars for s in decoded][:8])
     bar.close()
+    for entry in songs_out:  # after the progress bar, which would break the lines
+        log(song_line(entry))
     bars = [s["n_bars"] for s in songs_out]
-    log(f"{len(songs_out)} songs, bars {bars}, written to {args.out}")
-    if target is not None and not args.force_length and any(b != target for b in bars):
+    written = sum(s["written"] for s in songs_out)
+    short = sum(s["short"] for s in songs_out)
+    log(
+        f"{written} of {len(songs_out)} songs written to {args.out}, bars {bars}"
+        + (f", {short} shorter than the requested {target}" if short else "")
+    )
+    if short:
         log(
-            f"the model ended some songs before the requested {target} bars (its [SEP] came "
-            "early); --force_length writes the requested bars by position"
+            "the model ended those songs early (its [SEP] came before the requested length); "
+            "--force_length writes the requested bars by position"
         )
     return {
         "checkpoint": os.path.abspath(args.checkpoint),
@@ -375,6 +451,9 @@ def run(args, model, decoder, log=print) -> dict:
         },
         "seed": args.seed,
         "songs": songs_out,
+        "written": written,
+        "short": short,
+        "duplicate_notes_removed": sum(s["duplicate_notes_removed"] for s in songs_out),
         "bars": {"mean": float(np.mean(bars)), "min": int(min(bars)), "max": int(max(bars))},
         "timings": timings,
     }

@@ -31,6 +31,8 @@ NUM_TRAIN_STEPS = 1000
 # 99.9th percentile of |raw latent| (reference `clip_range`), applied in scaled space there.
 REFERENCE_CLIP_RANGE = 3.064450740814209
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+# Where the stored x0 clip value applies (sampler.model_space_clip); a model carries its own.
+CLIP_MODES = ("scaled", "reference", "none")
 SPACINGS = ("leading", "trailing", "linspace")
 
 

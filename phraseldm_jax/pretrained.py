@@ -25,8 +25,10 @@ class LoadedLDM:
 
     format: "orbax" (a ``train_ldm.py`` workdir) or "original" (config.json +
     model.safetensors). vae_workdir: the PhraseVAE the workdir names ("" if none).
-    default_clip: "scaled" for our models, "reference" for the original's weights (trained
-    and sampled with the raw clip value in scaled space).
+    default_clip: the clip mode the model travels with: "scaled" for a model trained here,
+    "reference" for the original's weights (trained and sampled with the raw clip value in
+    scaled space); an exported model records its own, read back by import
+    (``convert.api.workdir_clip``, ``LoadedPhraseLDM.clip``).
     """
 
     config: PhraseLDMConfig
@@ -82,12 +84,12 @@ def load_ldm(path: str, which: str = "best") -> LoadedLDM:
     fmt = _checkpoint_format(path)
     if fmt == "original":  # section ids in the order of its section_vocab.json, if any
         model = api.import_phrase_ldm(path)
-        return LoadedLDM(model.config, model.params, fmt, "", "reference")
+        return LoadedLDM(model.config, model.params, fmt, "", model.clip)
     config = read_ldm_config(path)
     params, used = checkpointing.load_trained(path, which)
     workdir_config = checkpointing.read_workdir_config(path)
     vae = workdir_config.get("vae", {}).get("workdir", "")
-    clip = "reference" if workdir_config.get("converted_from") else "scaled"  # original weights
+    clip = api.workdir_clip(workdir_config)
     return LoadedLDM(config, params, fmt, vae or "", clip, used)
 
 

@@ -6,6 +6,14 @@ bar). ``decode_songs`` turns raw latents [num_songs, length, 64] into ``Song`` o
 any ``PhraseDecoder`` (the PhraseVAE, or a stand-in); ``write_midi`` writes one, transposed,
 optionally lasting to the end of its last bar. ``midi_slots`` and ``bars_as_song`` go the other
 way for the VAE commands: a MIDI file to slot strings, decoded slots to a writable song.
+
+Notes are cleaned once, where a song's text becomes notes (``clean_notes``, called by
+``song_from_slots`` and again, idempotently, by ``write_midi`` for any other MultiTrack): the
+PhraseVAE decoder can repeat a ``p- d-`` pair at one onset many times (greedy decoding that
+loops until the length limit), and the slots of a bar can repeat each other's notes, which
+remi-z turns into stacked copies of one note; and a note held past the end of the song's last
+bar would make the file outlast the song. Repeats are dropped (the longest copy stays) and
+such notes are cut at the song's end; ``Song.cleanup`` counts both.
 """
 
 from __future__ import annotations
@@ -24,12 +32,64 @@ from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.vocab import SEP_ID
 
 REFERENCE_TEMPO = 90.0  # bpm the original writes into its MIDI files
+POSITIONS_PER_BEAT = 12  # remi-z's onset and duration unit: a 48th note
 
 
 class PhraseDecoder(Protocol):
     """Anything that turns raw phrase latents [N, 64] into phrase strings (the PhraseVAE)."""
 
     def decode(self, latents: np.ndarray) -> list[str]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteCleanup:
+    """What ``clean_notes`` changed: ``duplicates`` notes dropped (same track, onset and pitch
+    as a note kept), ``cut_at_end`` notes shortened (or dropped, when they start there) at the
+    end of the song's last bar."""
+
+    duplicates: int = 0
+    cut_at_end: int = 0
+
+
+def _bar_positions(bar) -> float:
+    numerator, denominator = bar.time_signature
+    return POSITIONS_PER_BEAT * numerator * 4 / denominator
+
+
+def clean_notes(multitrack: MultiTrack) -> NoteCleanup:
+    """Drops repeated notes and cuts notes at the song's end, in place (see the module
+    docstring). A note repeats another when its track, onset (from the song's start) and
+    pitch are the same; of a group the first in remi-z's order (longest, then loudest) stays.
+    Idempotent: a cleaned song gives ``NoteCleanup(0, 0)``."""
+    song_end = sum(_bar_positions(bar) for bar in multitrack.bars)
+    seen: dict[int, set[tuple[float, int]]] = {}
+    duplicates = cut = 0
+    bar_start = 0.0
+    for bar in multitrack.bars:
+        for track_id, track in list(bar.tracks.items()):
+            had_notes, kept = bool(track.notes), []
+            for note in sorted(track.notes):
+                key = (bar_start + note.onset, note.pitch)
+                if key in seen.setdefault(track_id, set()):
+                    duplicates += 1
+                    continue
+                room = song_end - key[0]
+                if note.duration > room:
+                    cut += 1
+                    if room < 1:
+                        continue
+                    note.duration = int(room)
+                seen[track_id].add(key)
+                kept.append(note)
+            if kept != track.notes:
+                track.notes = kept
+                track.non_empty_pos = sorted({note.onset for note in kept})
+                if not track.is_drum:
+                    track.avg_pitch = sum(n.pitch for n in kept) / len(kept) if kept else 0
+            if had_notes and not kept:
+                del bar.tracks[track_id]
+        bar_start += _bar_positions(bar)
+    return NoteCleanup(duplicates, cut)
 
 
 @dataclasses.dataclass
@@ -39,7 +99,8 @@ class Song:
     length was forced); ``n_bars``: its ``b-1`` count; ``multitrack``: None when remi-z could
     not read ``text`` (``error`` says why); ``bars_before_sep``: the ``b-1`` count before the
     first ``[SEP]``, the length the model itself generated (equal to ``n_bars`` unless
-    forced)."""
+    forced); ``cleanup``: the repeated notes dropped and notes cut at the end (``clean_notes``)
+    on the way from ``text`` to ``multitrack``."""
 
     slots: list[str]
     text: str
@@ -47,6 +108,19 @@ class Song:
     multitrack: MultiTrack | None
     error: str = ""
     bars_before_sep: int = 0
+    cleanup: NoteCleanup = NoteCleanup()
+
+    @property
+    def ended_at_sep(self) -> bool:
+        """Whether a decoded ``[SEP]`` ended the song (else its slots ran out)."""
+        return any(phrases.SEP_TOKEN in phrases.as_text(t).split() for t in self.slots)
+
+    @property
+    def n_notes(self) -> int:
+        """Notes of the written song (after ``clean_notes``); 0 when unreadable."""
+        if self.multitrack is None:
+            return 0
+        return sum(len(t.notes) for bar in self.multitrack.bars for t in bar.tracks.values())
 
 
 def forced_length_text(slots: Sequence[str], n_bars: int) -> str:
@@ -75,12 +149,15 @@ def song_from_slots(slots: Sequence[str], n_bars: int | None = None) -> Song:
     natural = phrases.slots_to_remiz(slots)
     text = natural if n_bars is None else forced_length_text(slots, n_bars)
     bars_before_sep = natural.split().count(phrases.BAR_TOKEN)
+    cleanup = NoteCleanup()
     try:
         multitrack, error = phrases.remiz_to_multitrack(text), ""
     except Exception as err:  # remi-z asserts on some token sequences; report, don't crash
         multitrack, error = None, f"{type(err).__name__}: {err}"
+    if multitrack is not None:
+        cleanup = clean_notes(multitrack)
     count = text.split().count(phrases.BAR_TOKEN)
-    return Song(list(slots), text, count, multitrack, error, bars_before_sep)
+    return Song(list(slots), text, count, multitrack, error, bars_before_sep, cleanup)
 
 
 def song_ends(first_tokens: np.ndarray) -> np.ndarray:
@@ -172,12 +249,14 @@ def write_midi(
     allow_empty: bool = True,
 ) -> None:
     """Writes a song (MultiTrack or REMI-z string) as MIDI at ``tempo`` bpm, transposed by
-    ``semitones`` (in place), atomically. ``keep_silent_bars``: the file lasts to the end of
-    the last bar even when it is silent. ``allow_empty=False``: a song without bars is a
-    ValueError instead of an empty file."""
+    ``semitones`` (in place), atomically, its notes cleaned first (``clean_notes``, in place;
+    nothing to do for a ``Song``'s multitrack). ``keep_silent_bars``: the file lasts to the
+    end of the last bar even when it is silent. ``allow_empty=False``: a song without bars is
+    a ValueError instead of an empty file."""
     multitrack = phrases.remiz_to_multitrack(song) if isinstance(song, str) else song
     if not allow_empty and not multitrack.bars:
         raise ValueError(f"{path}: the song has no bars (no 'b-1' token), nothing to write")
+    clean_notes(multitrack)
     transpose(multitrack, semitones)
 
     def write(tmp: str) -> None:

@@ -4,15 +4,20 @@ are written by our exporter, which the cross-checks compare with PyTorch's files
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
+import ldm_fixtures
 import numpy as np
 
 import sample
-from phraseldm_jax import checkpointing, ldm, pretrained, sections, vae, vae_inference
+from phraseldm_jax import checkpointing, ldm, ldm_task, pretrained, sections, vae, vae_inference
 from phraseldm_jax.cli import convert as cli
 from phraseldm_jax.convert import api, ldm_weights, safetensors_io
 from phraseldm_jax.dit import DiTConfig
@@ -33,6 +38,7 @@ TINY_DIT = DiTConfig(
     global_states_input_dim=8,
     cross_attention_input_dim=16,
 )
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SEED0_VOCAB = sections.SectionVocab.from_orders(
     "xXAEbiBcDoC", [9, 1, 8, 2, 3, 4, 5, 6, 7, *range(10, 33)]
 )
@@ -228,3 +234,74 @@ def test_sample_runs_on_original_folders_and_on_converted_workdirs_alike(tmp_pat
     assert summary["format"] == "orbax" and summary["settings"]["clip"] == "reference"
     for name in ("song_000.txt", "song_001.txt"):  # the same model, seed and settings
         assert (out / name).read_text() == (tmp_path / "songs" / name).read_text()
+
+
+def test_the_clip_mode_travels_with_an_exported_model(tmp_path):
+    """A model of ours (clip "scaled", masked sections) exported to the original's layout
+    records both in config.json's ``_phraseldm_jax`` group and reads them back; the
+    original's own folders (no group) keep "reference" and the additive bias."""
+    config, params = _ldm_parts(True)
+    ours = dataclasses.replace(config, cross_bias_mode="mask")
+    api.export_phrase_ldm(api.LoadedPhraseLDM(ours, params, clip="scaled"), tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written[ldm_weights.CONVENTIONS_KEY] == {"clip": "scaled", "cross_bias_mode": "mask"}
+    back = api.import_phrase_ldm(tmp_path / "ours")
+    assert back.clip == "scaled" and back.config.cross_bias_mode == "mask"
+    assert pretrained.load_ldm(str(tmp_path / "ours")).default_clip == "scaled"
+    assert pretrained.read_ldm_config(str(tmp_path / "ours")).cross_bias_mode == "mask"
+    api.save_workdir(back, tmp_path / "w")
+    assert pretrained.load_ldm(str(tmp_path / "w")).default_clip == "scaled"
+
+    api.export_phrase_ldm(_ldm(sec_control=True), tmp_path / "original")
+    original = json.loads((tmp_path / "original" / "config.json").read_text())
+    assert ldm_weights.CONVENTIONS_KEY not in original  # the original's file, unchanged
+    assert api.import_phrase_ldm(tmp_path / "original").clip == "reference"
+    # Workdirs converted before the clip mode was recorded hold the original's weights.
+    assert api.workdir_clip({"converted_from": {"source": "x"}}) == "reference"
+    assert api.workdir_clip({"model": {}}) == "scaled"
+
+
+def _subprocess(*argv):
+    result = subprocess.run(
+        [sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_cli_round_trip_samples_the_same_songs(tmp_path):
+    """Export a workdir trained here with the real command, import it back, and sample the
+    workdir, the exported folder and the imported workdir with one seed: the same songs
+    (before the clip mode travelled, the imported model sampled with "reference")."""
+    api.save_workdir(_vae(), tmp_path / "vae")
+    ldm_config = ldm_fixtures.tiny_config("")
+    ldm_config.model.dit.sample_size = 64
+    ldm_config.model.scale_factor, ldm_config.model.clip_range = 0.76, 3.0
+    ldm_config.vae.workdir = str(tmp_path / "vae")
+    params = ldm.init_params(ldm_fixtures.init_key(), ldm_task.ldm_config(ldm_config))
+    workdir = ldm_fixtures.save_workdir(tmp_path / "ldm", ldm_config, params)
+    convert = ("-m", "phraseldm_jax.cli.convert")
+    _subprocess(
+        *convert, "export", "--kind", "ldm", "--workdir", workdir, "--dst", tmp_path / "exp"
+    )
+    _subprocess(
+        *convert, "import", "--kind", "ldm", "--src", tmp_path / "exp",
+        "--workdir", tmp_path / "imp", "--vae_workdir", tmp_path / "vae",
+    )  # fmt: skip
+    options = ["--num_songs", "2", "--bars", "12", "--sampler", "ddim", "--steps", "10",
+               "--max_decode_length", "16", "--seed", "3", "--cpu_devices", "1"]  # fmt: skip
+    texts = {}
+    for name, checkpoint in (
+        ("ldm", workdir),
+        ("exp", tmp_path / "exp"),
+        ("imp", tmp_path / "imp"),
+    ):
+        out = tmp_path / f"songs_{name}"
+        _subprocess(
+            REPO_ROOT / "sample.py", "--checkpoint", checkpoint, "--out", out,
+            "--vae_workdir", tmp_path / "vae", *options,
+        )  # fmt: skip
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["settings"]["clip"] == "scaled", name
+        texts[name] = [(out / s["text_file"]).read_text() for s in summary["songs"]]
+    assert texts["exp"] == texts["ldm"] and texts["imp"] == texts["ldm"]

@@ -1,10 +1,16 @@
 """sample.py: every bad input is refused before anything is loaded, with exit status 2 and a
 message naming the problem; a run writes MIDI files that remi-z and mido read back as the
-decoded songs (bars, notes, key, tempo), REMI-z texts and a JSON summary; the PhraseVAE path."""
+decoded songs (bars, notes, key, tempo), REMI-z texts and a JSON summary; the PhraseVAE path;
+songs shorter than asked are said so, songs without bars get no MIDI file, and no written file
+holds a note twice (the real command, in a subprocess, with its defaults)."""
 
+import collections
 import functools
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import ldm_fixtures
@@ -13,9 +19,10 @@ import numpy as np
 import pytest
 
 import sample
-from phraseldm_jax import ldm, ldm_task, phrases
+from phraseldm_jax import ldm, ldm_task, phrases, songs
 from phraseldm_jax.remiz import MultiTrack
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 MISSING = "/nonexistent/ldm"  # argument errors must come before the checkpoint is opened
 
 
@@ -166,6 +173,8 @@ def test_writes_midi_text_and_summary(tmp_path):
         text = (out / song["text_file"]).read_text().strip()
         assert text.split().count(phrases.BAR_TOKEN) == song["n_bars"] > 0
         expected = MultiTrack.from_remiz_str(text, verbose=False)
+        # Slots of a bar that decode to the same phrase repeat its note: written once.
+        assert songs.clean_notes(expected).duplicates == song["duplicate_notes_removed"]
         last = max((i for i, bar in enumerate(expected.bars) if bar.tracks), default=-1)
         assert last >= 0  # the song has notes
         path = str(out / song["file"])
@@ -229,7 +238,9 @@ def test_songs_end_at_the_first_sep_unless_the_length_is_forced(tmp_path, capsys
     base = ["--checkpoint", workdir, "--num_songs", "2", "--bars", "12", "--sampler", "ddim",
             "--steps", "2", "--tempo", "120"]  # fmt: skip
     assert sample.main(base + ["--out", str(tmp_path / "plain")], _EarlyEndDecoder()) == 0
-    assert "ended some songs before the requested 12 bars" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "song_000: 3 bars, asked for 12 (ended at [SEP]), 3 notes -> song_000.mid" in err
+    assert "2 shorter than the requested 12" in err
     assert (
         sample.main(
             base + ["--out", str(tmp_path / "forced"), "--force_length"], _EarlyEndDecoder()
@@ -253,3 +264,132 @@ def test_songs_end_at_the_first_sep_unless_the_length_is_forced(tmp_path, capsys
         else:  # remi-z ends the file with the last note, in bar 3
             assert 2 * seconds_per_bar < length <= 3 * seconds_per_bar
         assert len(MultiTrack.from_midi(path).bars) == (6 if name == "forced" else 3)
+
+
+class _ThreeSongsDecoder:
+    """Song 0: one note, then [SEP] before any b-1 (no bars, notes in its text); song 1: 3
+    bars then [SEP]; song 2: 12 bars whose first slot repeats "p-60 d-12" 20 times at o-0 and
+    whose last note is held 60 positions past the song's end, then [SEP]."""
+
+    BAR = [ldm_fixtures.ONE_NOTE_BAR, "[INST]", "[INST]", "b-1"]
+    LOOPED = ["i-0 o-0" + " p-60 d-12" * 20 + " o-24 p-64 d-12", "[INST]", "[INST]", "b-1"]
+    HELD = ["i-0 o-0 p-60 d-12 o-36 p-67 d-72", "[INST]", "[INST]", "b-1"]
+    SONGS = [
+        [ldm_fixtures.ONE_NOTE_BAR, "[SEP]"],
+        BAR * 3 + ["[SEP]"],
+        LOOPED * 11 + HELD + ["[SEP]"],
+    ]
+
+    def decode(self, latents):
+        n = len(latents) // 64
+        return [t for i in range(n) for t in (self.SONGS[i % 3] + ["[SEP]"] * 64)[:64]]
+
+
+def _midi_spots(path):
+    """(track, onset tick, pitch) of every note of a MIDI file, and its last note-off tick."""
+    spots, end = [], 0
+    for index, track in enumerate(mido.MidiFile(path).tracks):
+        now = 0
+        for message in track:
+            now += message.time
+            if message.type == "note_on" and message.velocity > 0:
+                spots.append((index, now, message.note))
+            elif message.type in ("note_on", "note_off"):
+                end = max(end, now)
+    return spots, end
+
+
+def test_short_and_empty_songs_are_said_and_no_note_is_written_twice(tmp_path, capsys):
+    out = tmp_path / "songs"
+    argv = ["--checkpoint", _workdir(tmp_path), "--out", str(out), "--num_songs", "3",
+            "--bars", "12", "--steps", "2"]  # fmt: skip
+    assert sample.main(argv, _ThreeSongsDecoder()) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        "song_000: 0 bars, asked for 12 (ended at [SEP]); no MIDI file written: no bars: the "
+        "model ended the song ([SEP]) before its first b-1; the 4 tokens of its unfinished bar "
+        "are kept in song_000.txt"
+    ) in err
+    assert "song_001: 3 bars, asked for 12 (ended at [SEP]), 3 notes -> song_001.mid" in err
+    assert "song_002: 12 bars, 24 notes -> song_002.mid (209 repeated notes dropped)" in err
+    assert any(line.startswith("2 of 3 songs written") for line in err)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["settings"]["sampler"], summary["settings"]["steps"]) == ("dpmpp_2m", 2)
+    assert (summary["written"], summary["short"]) == (2, 2)
+    assert summary["duplicate_notes_removed"] == 209
+    empty, short, full = summary["songs"]
+    assert (empty["written"], empty["file"], empty["n_bars"], empty["short"]) == (
+        False, None, 0, True)  # fmt: skip
+    assert "no bars" in empty["reason"]
+    assert not (out / "song_000.mid").exists()
+    assert (out / "song_000.txt").read_text().split() == ldm_fixtures.ONE_NOTE_BAR.split()
+    assert (short["requested_bars"], short["n_bars"], short["short"]) == (12, 3, True)
+    assert (full["n_bars"], full["short"], full["written"], full["reason"]) == (
+        12,
+        False,
+        True,
+        None,
+    )
+    assert (full["duplicate_notes_removed"], full["notes_cut_at_end"]) == (209, 1)
+    spots, end = _midi_spots(str(out / "song_002.mid"))
+    assert len(spots) == 24 and max(collections.Counter(spots).values()) == 1
+    assert end == 12 * 4 * mido.MidiFile(str(out / "song_002.mid")).ticks_per_beat
+
+
+def test_the_command_with_its_defaults_in_a_subprocess(tmp_path):
+    """The real sample.py with a random tiny PhraseVAE (its songs have no bars): the default
+    sampler is DPM-Solver++(2M) at 50 steps, every song has a line, a song without bars has
+    no MIDI file, and every written file holds each note once, none past its last bar."""
+    from phraseldm_jax import vae
+
+    vae_config = ldm_fixtures.tiny_config("")
+    vae_config.model = dict(
+        t5=dict(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1),
+        head="vae",
+        n_query_tokens=4,
+        latent_dim=64,
+    )
+    vae_params = vae.init_params(jax.random.PRNGKey(1), vae.PhraseVAEConfig(**vae_config.model))
+    vae_dir = ldm_fixtures.save_workdir(tmp_path / "vae", vae_config, vae_params)
+    out = tmp_path / "songs"
+    argv = [REPO_ROOT / "sample.py", "--checkpoint", _workdir(tmp_path, vae_workdir=vae_dir),
+            "--out", out, "--num_songs", "3", "--bars", "12", "--max_decode_length", "16",
+            "--cpu_devices", "1"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["settings"]["sampler"], summary["settings"]["steps"]) == ("dpmpp_2m", 50)
+    lines = result.stderr.splitlines()
+    for index, song in enumerate(summary["songs"]):
+        name = f"song_{index:03d}"
+        assert song["requested_bars"] == 12 and song["short"] == (song["n_bars"] < 12)
+        assert any(line.startswith(f"{name}: {song['n_bars']} bar") for line in lines)
+        assert (out / f"{name}.mid").exists() == song["written"]
+        if song["n_bars"] == 0:
+            assert not song["written"] and song["reason"].startswith("no bars")
+        if song["written"]:
+            spots, end = _midi_spots(str(out / song["file"]))
+            assert max(collections.Counter(spots).values()) == 1
+            assert end <= song["n_bars"] * 4 * mido.MidiFile(str(out / song["file"])).ticks_per_beat
+
+
+class _SilentDecoder:
+    """Every song: 3 bars without notes, then [SEP]."""
+
+    def decode(self, latents):
+        song = (["[INST]", "[INST]", "[INST]", "b-1"] * 3 + ["[SEP]"] * 64)[:64]
+        return song * (len(latents) // 64)
+
+
+def test_a_song_of_silent_bars_lasts_to_its_last_bar(tmp_path, capsys):
+    out = tmp_path / "songs"
+    argv = ["--checkpoint", _workdir(tmp_path), "--out", str(out), "--num_songs", "1",
+            "--bars", "12", "--steps", "2", "--tempo", "120"]  # fmt: skip
+    assert sample.main(argv, _SilentDecoder()) == 0
+    err = capsys.readouterr().err
+    assert "song_000: 3 bars, asked for 12 (ended at [SEP]), no notes (silent bars)" in err
+    song = json.loads((out / "summary.json").read_text())["songs"][0]
+    assert (song["written"], song["n_notes"]) == (True, 0)
+    assert mido.MidiFile(str(out / "song_000.mid")).length == pytest.approx(3 * 2.0, abs=1e-3)

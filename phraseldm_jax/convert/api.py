@@ -130,7 +130,9 @@ class LoadedPhraseVAE:
 class LoadedPhraseLDM:
     """A PhraseLDM with its config and params (float32 numpy, section rows in our order).
 
-    ``section_vocab``: the checkpoint's section order, used again by ``export_phrase_ldm``."""
+    ``section_vocab``: the checkpoint's section order, used again by ``export_phrase_ldm``.
+    ``clip``: the x0 clip mode it samples with (``sampler.model_space_clip``): ``"reference"``
+    for the original's weights, ``"scaled"`` for ours; export writes it, import reads it."""
 
     def __init__(
         self,
@@ -139,11 +141,13 @@ class LoadedPhraseLDM:
         *,
         section_vocab: sections_lib.SectionVocab = sections_lib.DEFAULT_SECTION_VOCAB,
         source: str = "",
+        clip: str = "reference",
     ):
         self.config = config
         self.params = _host_tree(params)
         self.section_vocab = section_vocab
         self.source = source
+        self.clip = clip
 
     @functools.cached_property
     def _device_params(self):
@@ -249,15 +253,19 @@ def import_phrase_ldm(
 
     ``section_order``: the order the checkpoint's section embeddings use: a SectionVocab, a
     dict ``{"sec_type_to_id": ..., "sec_len_to_id": ...}`` or a path to such a JSON file.
-    Default: the folder's ``section_vocab.json``, else ours (with a warning)."""
+    Default: the folder's ``section_vocab.json``, else ours (with a warning). The clip mode
+    is the folder's (``LoadedPhraseLDM.clip``)."""
     path = _checkpoint_path(path)
     if os.path.isdir(path):
-        config, params, vocab = original_layout.read_ldm_folder(path, section_order)
+        config, params, vocab, clip = original_layout.read_ldm_folder(path, section_order)
     else:
         state_dict, hparams = lightning.read_lightning_checkpoint(path, trust_pickle=trust_pickle)
         vocab = original_layout.resolve_section_vocab(section_order)
         config, params, vocab = lightning.ldm_from_lightning(state_dict, hparams, path, vocab)
-    return LoadedPhraseLDM(config, params, section_vocab=vocab, source=os.path.abspath(path))
+        clip = "reference"  # the original's training checkpoints
+    return LoadedPhraseLDM(
+        config, params, section_vocab=vocab, source=os.path.abspath(path), clip=clip
+    )
 
 
 def export_phrase_vae(
@@ -279,11 +287,13 @@ def export_phrase_ldm(
 ) -> None:
     """Writes ``model`` as an original PhraseLDM folder; section embeddings in
     ``section_order`` (default: the order it was imported with), recorded in
-    ``section_vocab.json``."""
+    ``section_vocab.json``; the model's clip mode goes into config.json when it is not the
+    original's."""
     vocab = original_layout.resolve_section_vocab(section_order)
     if vocab is None:
         vocab = getattr(model, "section_vocab", sections_lib.DEFAULT_SECTION_VOCAB)
-    original_layout.write_ldm_folder(path, model.config, model.params, vocab)
+    clip = getattr(model, "clip", "reference")
+    original_layout.write_ldm_folder(path, model.config, model.params, vocab, clip)
 
 
 def is_original_folder(path: str | os.PathLike) -> bool:
@@ -305,11 +315,22 @@ def _workdir_config(model: Loaded, vae_workdir: str) -> dict:
             CONVERTED_FROM: converted,
         }
     converted["section_vocab"] = original_layout.section_vocab_to_json(model.section_vocab)
+    converted["clip"] = model.clip
     return {
         "model": dataclasses.asdict(model.config),
         "vae": {"workdir": vae_workdir, "checkpoint": "best"},
         CONVERTED_FROM: converted,
     }
+
+
+def workdir_clip(workdir_config: Mapping[str, Any]) -> str:
+    """The clip mode a PhraseLDM workdir samples with: ``"scaled"`` for one trained here; for
+    a converted one what its ``converted_from`` group records, ``"reference"`` when absent
+    (workdirs converted before the clip mode was recorded hold the original's weights)."""
+    converted = workdir_config.get(CONVERTED_FROM)
+    if not converted:
+        return "scaled"
+    return converted.get("clip", "reference") if isinstance(converted, Mapping) else "reference"
 
 
 def save_workdir(
@@ -374,4 +395,6 @@ def load_workdir(workdir: str | os.PathLike, *, which: str = "best") -> Loaded:
     vocab = sections_lib.DEFAULT_SECTION_VOCAB
     if converted.get("section_vocab"):
         vocab = original_layout.section_vocab_from_json(converted["section_vocab"], config_path)
-    return LoadedPhraseLDM(ldm_config, params, section_vocab=vocab, source=source)
+    return LoadedPhraseLDM(
+        ldm_config, params, section_vocab=vocab, source=source, clip=workdir_clip(config)
+    )

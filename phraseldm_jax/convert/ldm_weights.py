@@ -26,10 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from phraseldm_jax import fileio
+from phraseldm_jax import diffusion, fileio
 from phraseldm_jax.dit import DiTConfig
 from phraseldm_jax.errors import CheckpointMismatchError
 from phraseldm_jax.ldm import PhraseLDMConfig
+
+# A config.json group of ours, outside the original's constructor arguments (HF_CONFIG_KEYS;
+# our reader skips "_" keys): how the weights are sampled and attend to sections where that
+# is not the original's convention, so that an exported model samples the same songs when
+# read back.
+CONVENTIONS_KEY = "_phraseldm_jax"
+ORIGINAL_CONVENTIONS = {"clip": "reference", "cross_bias_mode": "additive"}
 
 HF_CONFIG_KEYS = (
     "model_config",
@@ -257,8 +264,9 @@ def ldm_config_from_hf_config(hf_config: Mapping[str, Any], **overrides) -> Phra
     """Our config from the original's ``config.json`` (its ``PhraseLDM`` constructor arguments).
 
     A missing ``model_config`` means the original's default (cross-attention widths 256 with
-    sections, 128 without). Converted weights get ``cross_bias_mode="additive"`` and
-    ``train_encoders=False`` (the reference's behaviour); ``overrides`` replace any field."""
+    sections, 128 without). Converted weights get ``cross_bias_mode="additive"`` (the
+    reference's behaviour, unless the file's ``CONVENTIONS_KEY`` group records ours) and
+    ``train_encoders=False``; ``overrides`` replace any field."""
     unknown = sorted(k for k in hf_config if k not in HF_CONFIG_KEYS and not k.startswith("_"))
     if unknown:
         raise ValueError(f"PhraseLDM config.json: unknown keys {unknown}")
@@ -269,6 +277,7 @@ def ldm_config_from_hf_config(hf_config: Mapping[str, Any], **overrides) -> Phra
         dit = DiTConfig(cross_attention_dim=width, cross_attention_input_dim=width)
     else:
         dit = DiTConfig.from_model_config(model_config)
+    conventions = conventions_from_hf_config(hf_config)
     kwargs = dict(
         dit=dit,
         length_control=bool(hf_config.get("length_control", False)),
@@ -277,15 +286,41 @@ def ldm_config_from_hf_config(hf_config: Mapping[str, Any], **overrides) -> Phra
         scale_factor=float(hf_config.get("scale_factor", PhraseLDMConfig.scale_factor)),
         clip_range=float(hf_config.get("clip_range", PhraseLDMConfig.clip_range)),
         diffusion_steps=int(hf_config.get("diffusion_steps", 1000)),
-        cross_bias_mode="additive",
+        cross_bias_mode=conventions["cross_bias_mode"],
         train_encoders=False,
     )
     kwargs.update(overrides)
     return PhraseLDMConfig(**kwargs)
 
 
-def hf_config_from_ldm_config(config: PhraseLDMConfig) -> dict[str, Any]:
-    """The original's ``config.json`` contents for ``config``."""
+def conventions_from_hf_config(hf_config: Mapping[str, Any]) -> dict[str, str]:
+    """``{"clip", "cross_bias_mode"}`` of a PhraseLDM config.json: its ``CONVENTIONS_KEY``
+    group, else the original's (``clip="reference"``: the raw clip value applied to scaled
+    latents; additive section bias)."""
+    group = hf_config.get(CONVENTIONS_KEY) or {}
+    if not isinstance(group, Mapping):
+        raise ValueError(f"{CONVENTIONS_KEY} must be an object, got {group!r}")
+    conventions = {
+        **ORIGINAL_CONVENTIONS,
+        **{k: group[k] for k in ORIGINAL_CONVENTIONS if k in group},
+    }
+    clip = conventions["clip"]
+    if clip not in diffusion.CLIP_MODES:
+        raise ValueError(f"{CONVENTIONS_KEY}.clip must be one of {diffusion.CLIP_MODES}: {clip!r}")
+    return conventions
+
+
+def hf_config_from_ldm_config(config: PhraseLDMConfig, clip: str | None = None) -> dict[str, Any]:
+    """The original's ``config.json`` contents for ``config``. Given ``clip`` (the mode the
+    model samples with), a model whose clip or section bias is not the original's also gets a
+    ``CONVENTIONS_KEY`` group; None writes the original's keys only."""
+    extra = {}
+    if clip is not None:
+        if clip not in diffusion.CLIP_MODES:
+            raise ValueError(f"clip must be one of {diffusion.CLIP_MODES}, got {clip!r}")
+        conventions = {"clip": clip, "cross_bias_mode": config.cross_bias_mode}
+        if conventions != ORIGINAL_CONVENTIONS:
+            extra[CONVENTIONS_KEY] = conventions
     return {
         "model_config": config.dit.to_model_config(),
         "scale_factor": config.scale_factor,
@@ -294,6 +329,7 @@ def hf_config_from_ldm_config(config: PhraseLDMConfig) -> dict[str, Any]:
         "length_control": config.length_control,
         "length_bucket_size": config.length_bucket_size,
         "sec_control": config.sec_control,
+        **extra,
     }
 
 
@@ -342,8 +378,11 @@ def load_hf_checkpoint(folder: str | os.PathLike, **overrides) -> tuple[PhraseLD
     return config, params
 
 
-def save_hf_checkpoint(folder: str | os.PathLike, params: Mapping, config: PhraseLDMConfig) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` in the original's layout (atomically)."""
+def save_hf_checkpoint(
+    folder: str | os.PathLike, params: Mapping, config: PhraseLDMConfig, clip: str | None = None
+) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` in the original's layout (atomically);
+    ``clip``: the clip mode to record (``hf_config_from_ldm_config``; None: none)."""
     from safetensors.numpy import save_file
 
     folder = os.fspath(folder)
@@ -352,5 +391,5 @@ def save_hf_checkpoint(folder: str | os.PathLike, params: Mapping, config: Phras
     fileio.atomic_write(
         os.path.join(folder, "model.safetensors"), lambda p: save_file(state_dict, p)
     )
-    text = json.dumps(hf_config_from_ldm_config(config), indent=2)
+    text = json.dumps(hf_config_from_ldm_config(config, clip), indent=2)
     fileio.write_text(os.path.join(folder, "config.json"), text)

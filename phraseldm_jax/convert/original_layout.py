@@ -5,6 +5,9 @@ A folder holds ``config.json`` (the original class's constructor arguments, SPEC
 the section id order the weights were trained with, as the original ``SecEncoder``'s own dicts
 ``{"sec_type_to_id": {"A": 3, ...}, "sec_len_to_id": {"8": 5, ...}}`` (in PyTorch, assign them
 to ``model.sec_encoder``). It is a separate file, so the original's strict load is untouched.
+A PhraseLDM that samples with another clip mode than the original's (ours: ``"scaled"``) or
+masks padded sections records that in config.json's ``_phraseldm_jax`` group
+(``ldm_weights.CONVENTIONS_KEY``), read back at import: the same seed gives the same song.
 
 Section order. The original numbered section types and lengths in Python set order, which
 changes per process, so a checkpoint's order is unknown unless recorded. Our parameters always
@@ -325,16 +328,26 @@ def ldm_from_original(
 
 def read_ldm_folder(
     folder: str | os.PathLike, section_order: Any = None
-) -> tuple[PhraseLDMConfig, dict, sections.SectionVocab]:
-    """(config, params, section order) of an original PhraseLDM folder. The section order is
-    ``section_order`` if given, else the folder's ``section_vocab.json``, else ours."""
+) -> tuple[PhraseLDMConfig, dict, sections.SectionVocab, str]:
+    """(config, params, section order, clip mode) of an original PhraseLDM folder. The section
+    order is ``section_order`` if given, else the folder's ``section_vocab.json``, else ours;
+    the clip mode is what its config.json records (``ldm_weights.conventions_from_hf_config``:
+    ``"reference"`` for the original's own folders)."""
     folder = os.fspath(folder)
     hf_config, tensors = read_folder(folder)
     vocab = resolve_section_vocab(section_order)
     vocab_path = os.path.join(folder, SECTION_VOCAB_JSON)
     if vocab is None and os.path.isfile(vocab_path):
         vocab = section_vocab_from_json(fileio.read_json(vocab_path), vocab_path)
-    return ldm_from_original(hf_config, tensors, os.path.join(folder, WEIGHTS_FILE), vocab)
+    source = os.path.join(folder, CONFIG_JSON)
+    try:
+        clip = ldm_weights.conventions_from_hf_config(hf_config)["clip"]
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    config, params, vocab = ldm_from_original(
+        hf_config, tensors, os.path.join(folder, WEIGHTS_FILE), vocab
+    )
+    return config, params, vocab, clip
 
 
 def write_ldm_folder(
@@ -342,9 +355,12 @@ def write_ldm_folder(
     config: PhraseLDMConfig,
     params: Mapping[str, Any],
     section_vocab: sections.SectionVocab = sections.DEFAULT_SECTION_VOCAB,
+    clip: str = "reference",
 ) -> None:
     """Writes an original PhraseLDM folder from params in our section order; the section
-    embeddings are stored in ``section_vocab``'s order, recorded in ``section_vocab.json``."""
+    embeddings are stored in ``section_vocab``'s order, recorded in ``section_vocab.json``;
+    ``clip``, the clip mode the model samples with, goes into config.json when it is not the
+    original's (``ldm_weights.hf_config_from_ldm_config``)."""
     folder = os.fspath(folder)
     if config.sec_control and config.cross_bias_mode != "additive":
         warnings.warn(
@@ -364,6 +380,6 @@ def write_ldm_folder(
         os.remove(vocab_path)  # left by an earlier export of another model
     fileio.write_json(
         os.path.join(folder, CONFIG_JSON),
-        ldm_weights.hf_config_from_ldm_config(config),
+        ldm_weights.hf_config_from_ldm_config(config, clip),
         sort_keys=False,
     )
