@@ -4,8 +4,8 @@ A song is the bars before the first ``[SEP]`` (SPEC section 7), or, forced, exac
 ``n_bars`` bars read by position from the song layout (``phrases.SLOTS_PER_BAR`` slots per
 bar). ``decode_songs`` turns raw latents [num_songs, length, 64] into ``Song`` objects with
 any ``PhraseDecoder`` (the PhraseVAE, or a stand-in); ``write_midi`` writes one, transposed,
-optionally lasting to the end of its last bar. ``midi_slots`` and ``bars_as_song`` go the other
-way for the VAE commands: a MIDI file to slot strings, decoded slots to a writable song.
+optionally lasting to the end of its last bar. ``bars_as_song`` turns decoded bar slots back
+into a writable song for the VAE commands (MIDI files are read by the datasets' importers).
 
 Notes are cleaned once, where a song's text becomes notes (``clean_notes``, called by
 ``song_from_slots`` and again, idempotently, by ``write_midi`` for any other MultiTrack): the
@@ -19,7 +19,6 @@ such notes are cut at the song's end; ``Song.cleanup`` counts both.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -284,26 +283,3 @@ def bars_as_song(slots: Sequence[str], per_bar: int = SLOTS_PER_BAR) -> list[str
         out.extend(notes_only(t) or phrases.INST_TOKEN for t in tracks)
         out.append(phrases.BAR_TOKEN)
     return out
-
-
-def midi_slots(
-    path: str, slot_order: str = "pitch_order", n_slots: int | None = None
-) -> tuple[list[str], float]:
-    """Slot strings of a MIDI file (per bar its track phrases, ``[INST]``-padded to
-    ``n_slots``, then ``b-1``) and its first tempo in bpm.
-
-    ``n_slots`` None: 3, or more when a bar has more tracks (``pitch_order``), so that no
-    phrase is dropped.
-    """
-    try:
-        song = MultiTrack.from_midi(os.fspath(path))
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read as MIDI ({type(e).__name__}: {e})") from e
-    if not song.bars:
-        raise ValueError(f"{path}: no bars")
-    if n_slots is None:
-        n_slots = phrases.DEFAULT_N_SLOTS
-        if slot_order == "pitch_order":
-            n_slots = max(n_slots, *(len(bar) for bar in phrases.multitrack_phrases(song)))
-    slots = phrases.slot_phrases(song, slot_order, n_slots=n_slots)
-    return slots, float(song.bars[0].tempo)
