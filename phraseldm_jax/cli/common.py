@@ -47,6 +47,23 @@ def path(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def add_vae_flags(parser: argparse.ArgumentParser) -> None:
+    """``--workdir`` and ``--checkpoint`` of the commands that load a trained PhraseVAE."""
+    parser.add_argument(
+        "--workdir",
+        type=path,
+        required=True,
+        help="PhraseVAE (stage 3) training workdir or original folder",
+    )
+    parser.add_argument(
+        # checkpointing.WHICH, spelled out: importing checkpointing loads Orbax and JAX
+        "--checkpoint",
+        default="best",
+        choices=("latest", "best"),
+        help="checkpoint to load",
+    )
+
+
 def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """A parser in the commands' style (``--snake_case`` flags, defaults shown, ``--verbose``)."""
     parser = ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import jax
 
-from phraseldm_jax import checkpointing, latent_tools, phrases, songs
+from phraseldm_jax import latent_tools, phrases, songs
 from phraseldm_jax.cli import common, vae
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 from phraseldm_jax.vae_inference import PhraseVAEModel
@@ -29,15 +29,7 @@ BARS = "Decoded bars along the path between bars --bar_a and --bar_b of --midi, 
 
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--workdir",
-        type=common.path,
-        required=True,
-        help="PhraseVAE (stage 3) training workdir or original folder",
-    )
-    parser.add_argument(
-        "--checkpoint", default="best", choices=checkpointing.WHICH, help="checkpoint to load"
-    )
+    common.add_vae_flags(parser)
     parser.add_argument("--output", type=common.path, required=True, help="MIDI file to write")
     parser.add_argument("--tempo", type=float, default=songs.REFERENCE_TEMPO, help="bpm")
 

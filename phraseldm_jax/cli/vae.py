@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from phraseldm_jax import checkpointing, fileio, phrases, songs, vocab
+from phraseldm_jax import fileio, phrases, songs, vocab
 from phraseldm_jax.cli import common
 from phraseldm_jax.metrics import f1 as f1_lib
 from phraseldm_jax.vae_inference import PhraseVAEModel
@@ -43,15 +43,7 @@ SOURCES = ("auto", "pop909", "midi")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--workdir",
-        type=common.path,
-        required=True,
-        help="PhraseVAE (stage 3) training workdir or original folder",
-    )
-    parser.add_argument(
-        "--checkpoint", default="best", choices=checkpointing.WHICH, help="checkpoint to load"
-    )
+    common.add_vae_flags(parser)
     parser.add_argument(
         "--decode_dtype",
         default=None,
