@@ -264,3 +264,17 @@ def test_a_damaged_latent_record_names_file_and_record(tmp_path):
     source = latent_records.open_latent_source(str(tmp_path / "lat"), "train")
     with pytest.raises(DamagedRecordError, match=r"train.array_record: record 0 of split 'train'"):
         source.__getitems__([0, 1])
+
+
+def test_a_damaged_record_ends_a_training_script_in_one_line(capsys):
+    from phraseldm_jax.cli import common
+
+    def main(argv):
+        raise DamagedRecordError("D/x.array_record: record 3 of split 'train' is damaged (r)")
+
+    with pytest.raises(SystemExit) as exit_:
+        common.run_absl(main, "train_vae.py", ["train_vae.py"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == (
+        "train_vae.py: error: D/x.array_record: record 3 of split 'train' is damaged (r)\n"
+    )
