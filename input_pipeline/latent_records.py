@@ -32,6 +32,8 @@ import numpy as np
 from array_record.python import array_record_module
 from flax import serialization
 
+from input_pipeline import damage
+
 SPLITS = ("train", "validation", "test")
 RECORD_FIELDS = ("song_id", "latents", "n_bars", "section_plan", "plan_fits")
 STATS_FILE = "stats.json"
@@ -163,8 +165,16 @@ class LatentSource:
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path} not found (split {split!r} of {data_dir})")
         self.split = split
-        self._reader = array_record_module.ArrayRecordReader(self.path, "readahead_buffer_size:0")
-        self._len = self._reader.num_records()
+        try:
+            self._reader = array_record_module.ArrayRecordReader(
+                self.path, "readahead_buffer_size:0"
+            )
+            self._len = self._reader.num_records()
+        except Exception as error:  # truncated or overwritten: the index does not read
+            raise damage.DamagedRecordError(
+                f"{self.path}: unreadable ({damage.short_reason(error)}); rebuild "
+                f"{os.fspath(data_dir)} with python -m phraseldm_jax latents"
+            ) from error
 
     def __len__(self) -> int:
         return self._len
@@ -172,10 +182,23 @@ class LatentSource:
     def __getitem__(self, index: int) -> dict:
         if not -self._len <= index < self._len:
             raise IndexError(f"{self.path}: index {index} out of range ({self._len} songs)")
-        return decode_record(self._reader.read([int(index) % self._len])[0])
+        index = int(index) % self._len
+        try:
+            return decode_record(self._reader.read([index])[0])
+        except Exception as error:
+            raise self.damaged(index, error) from error
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        return [decode_record(b) for b in self._reader.read([int(i) % self._len for i in indices])]
+        indices = [int(i) % self._len for i in indices]
+        try:
+            return [decode_record(b) for b in self._reader.read(indices)]
+        except Exception:
+            return [self[i] for i in indices]  # one at a time: names the damaged record
+
+    def damaged(self, index: int, error: BaseException) -> damage.DamagedRecordError:
+        """The one-line error for song ``index``, which could not be read (``error``)."""
+        hint = f"rebuild {os.path.dirname(self.path)} with python -m phraseldm_jax latents"
+        return damage.damaged_record(self.path, index, self.split, error, hint, None)
 
     def __getstate__(self):
         return {"data_dir": os.path.dirname(self.path), "split": self.split}

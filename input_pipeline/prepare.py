@@ -6,7 +6,9 @@ with the TFDS builders of ``input_pipeline.tfds_builders`` (ArrayRecord, under
 ``<data_dir>/<name>/<version>/``). The summary (songs, bars and phrases per split, songs
 fitting their section plan and why the others do not, token-length percentiles, songs
 over 128 bars, every rejected or marked file with its reason) is returned and saved to
-``<data_dir>/prepare_summary.json``. Existing datasets are kept unless ``overwrite``.
+``<data_dir>/prepare_summary.json``. Existing datasets are kept unless ``overwrite``; a
+rebuild is written beside them and swapped in as one set (``dataset_swap``), so a build that
+fails or is killed never leaves a mix of old and new datasets.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from input_pipeline import midi_folder, pop909, records, synthetic, tfds_builders
+from input_pipeline import dataset_swap, midi_folder, pop909, records, synthetic, tfds_builders
 from phraseldm_jax import fileio
 from phraseldm_jax.sections import MAX_PLAN_BARS
 
 SUMMARY_FILE = "prepare_summary.json"
+FAILED_SUMMARY_FILE = "prepare_failed_summary.json"  # a rebuild that imported nothing
 PERCENTILES = (50, 90, 99)
 
 
@@ -222,22 +225,22 @@ def build(args: argparse.Namespace, command: str) -> dict:
     """Imports the corpus and writes the datasets and the summary (returned); ``args`` holds
     ``cli.prepare``'s options, ``command`` the command line recorded in the summary.
 
+    The datasets and the summary are written in ``<data_dir>/incomplete.<pid>.<random>/`` and
+    swapped in as one set at the end (``dataset_swap``): a build that fails or is killed
+    leaves the previous set whole (or none), and the next build removes its leftovers.
+
     Raises FileExistsError when ``data_dir`` holds datasets and ``args.overwrite`` is off, and
     NothingImported (a ValueError, with the summary, also saved) when nothing imports.
     """
     start = time.time()
-    existing = [
-        name
-        for name in tfds_builders.DATASET_NAMES
-        if os.path.isdir(os.path.join(args.data_dir, name))
-        and _has_finished_dataset(args.data_dir, name)
-    ]
+    for line in dataset_swap.recover(args.data_dir):
+        print(line, file=sys.stderr)
+    existing = existing_datasets(args.data_dir)
     if existing and not args.overwrite:
         raise FileExistsError(
             f"{args.data_dir} already holds {existing}; pass --overwrite to rebuild them"
         )
     songs, rejected = import_songs(args)
-    summary_path = os.path.join(args.data_dir, SUMMARY_FILE)
     if not songs:  # the reasons are the whole result: save them, then fail
         summary = {
             "command": command,
@@ -247,6 +250,10 @@ def build(args: argparse.Namespace, command: str) -> dict:
             "written": {},
             **summarize(songs, rejected),
         }
+        # Beside datasets the summary would not describe them: it gets its own name.
+        summary_path = os.path.join(
+            args.data_dir, FAILED_SUMMARY_FILE if existing else SUMMARY_FILE
+        )
         os.makedirs(args.data_dir, exist_ok=True)
         write_json(summary_path, summary)
         raise NothingImported(
@@ -256,22 +263,28 @@ def build(args: argparse.Namespace, command: str) -> dict:
         )
     import_seconds = time.time() - start
     tfds_builders.quiet()
-    tfds_builders.build(args.data_dir, overwrite=args.overwrite, songs=songs)
-    summary = {
-        "command": command,
-        "source": args.source,
-        "input": args.input,
-        "data_dir": args.data_dir,
-        "import_seconds": round(import_seconds, 1),
-        "wall_seconds": round(time.time() - start, 1),
-        "written": {
-            name: tfds_builders.split_sizes(args.data_dir, name)
-            for name in tfds_builders.DATASET_NAMES
-        },
-        **summarize(songs, rejected),
-    }
-    write_json(summary_path, summary)
+    with dataset_swap.staged(args.data_dir) as staging:
+        tfds_builders.build(staging, songs=songs)
+        summary = {
+            "command": command,
+            "source": args.source,
+            "input": args.input,
+            "data_dir": args.data_dir,
+            "import_seconds": round(import_seconds, 1),
+            "wall_seconds": round(time.time() - start, 1),
+            "written": {
+                name: tfds_builders.split_sizes(staging, name)
+                for name in tfds_builders.DATASET_NAMES
+            },
+            **summarize(songs, rejected),
+        }
+        write_json(os.path.join(staging, SUMMARY_FILE), summary)
     return summary
+
+
+def existing_datasets(data_dir: str) -> list[str]:
+    """The finished datasets of ``data_dir`` (an interrupted build's folder does not count)."""
+    return [name for name in tfds_builders.DATASET_NAMES if _has_finished_dataset(data_dir, name)]
 
 
 def _has_finished_dataset(data_dir: str, name: str) -> bool:

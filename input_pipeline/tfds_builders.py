@@ -16,10 +16,13 @@ TFDS writes into ``<name>/incomplete.XXXX_<version>/`` and renames it to
 ``<name>/<version>/`` only after every split and ``dataset_info.json`` are written, so a
 build that fails or is killed leaves no dataset a reader would open (``open_source``
 only opens version folders with a ``dataset_info.json``); the next build starts afresh.
+A rebuild (``overwrite``) writes the new datasets beside the old ones and swaps them in as
+one set (``dataset_swap``); readers find them through ``dataset_swap.resolve``.
 
 Reading: ``open_source(data_dir, name, split)`` -> a random-access source (``len``,
 ``[i]``) of plain dicts (``str``, ``int``, ``float``, ``bool``, lists), usable directly as a
-Grain data source.
+Grain data source. A record that cannot be read back raises ``damage.DamagedRecordError``,
+one line naming the ArrayRecord file and the record.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import base as base_data_source
 
-from input_pipeline import midi_folder, pop909, records, synthetic
+from input_pipeline import damage, dataset_swap, midi_folder, pop909, records, synthetic
 
 DATASET_VERSION = "1.0.0"
 DATASET_NAMES = ("songs", "phrases", "bars")
@@ -189,8 +193,13 @@ def build(
     names: Sequence[str] = DATASET_NAMES,
     overwrite: bool = False,
     **source_kwargs,
-) -> dict[str, tfds.core.DatasetBuilder]:
-    """Builds the named datasets under ``data_dir`` (``<data_dir>/<name>/<version>/``).
+) -> dict[str, str]:
+    """Builds the named datasets under ``data_dir`` (``<data_dir>/<name>/<version>/``) and
+    returns their version folders.
+
+    With ``overwrite`` they are all built in a folder beside the old ones and swapped in
+    together (``dataset_swap.staged``): a build that fails or is killed leaves the old ones
+    whole, and readers see either every old or every new dataset, never a mix.
 
     Args:
       data_dir: root folder of the datasets.
@@ -198,19 +207,24 @@ def build(
       overwrite: rebuild datasets that already exist (otherwise they are kept).
       **source_kwargs: builder arguments (``songs=``, ``source=``, ``source_dir=``, ...).
     """
-    mode = (
-        tfds.download.GenerateMode.FORCE_REDOWNLOAD
-        if overwrite
-        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    )
-    built = {}
+    if overwrite:
+        with dataset_swap.staged(data_dir) as staging:
+            _write(staging, names, source_kwargs)
+    else:
+        dataset_swap.recover(data_dir)
+        _write(data_dir, names, source_kwargs)
+    return {name: dataset_path(data_dir, name) for name in names}
+
+
+def _write(data_dir: str, names: Sequence[str], source_kwargs: Mapping) -> None:
+    """Writes the named datasets not yet under ``data_dir`` (TFDS's own ``incomplete.*``
+    folder per dataset, renamed when finished)."""
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     for name in names:
         builder = BUILDERS[name](data_dir=data_dir, **source_kwargs)
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(download_mode=mode)
         )
-        built[name] = builder
-    return built
 
 
 def _decode(value):
@@ -227,13 +241,15 @@ def _decode(value):
 
 
 class RecordSource:
-    """Random access to one split of a dataset, examples as plain dicts."""
+    """Random access to one split of a dataset, examples as plain dicts. A record that
+    cannot be read raises ``damage.DamagedRecordError`` naming its file and index."""
 
-    def __init__(self, source, name: str, split: str, path: str):
+    def __init__(self, source, name: str, split: str, path: str, data_dir: str | None = None):
         self._source = source
         self.name = name
         self.split = split
         self.path = path
+        self.data_dir = data_dir or os.path.dirname(os.path.dirname(path))
 
     def __len__(self) -> int:
         return len(self._source)
@@ -242,7 +258,10 @@ class RecordSource:
         if not -len(self) <= index < len(self):
             raise IndexError(f"{self!r}: index {index} out of range")
         index = index % len(self)
-        return {key: _decode(value) for key, value in self._source[index].items()}
+        try:
+            return {key: _decode(value) for key, value in self._source[index].items()}
+        except Exception as error:
+            raise self.damaged(index, error) from error
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """Several examples in one call: much faster than one ``[i]`` each (ArrayRecord
@@ -251,8 +270,31 @@ class RecordSource:
         for index in indices:
             if not -n <= index < n:
                 raise IndexError(f"{self!r}: index {index} out of range")
-        examples = self._source.__getitems__([int(i) % n for i in indices])
-        return [{key: _decode(value) for key, value in ex.items()} for ex in examples]
+        indices = [int(i) % n for i in indices]
+        try:
+            examples = self._source.__getitems__(indices)
+            return [{key: _decode(value) for key, value in ex.items()} for ex in examples]
+        except Exception:
+            return [self[i] for i in indices]  # one at a time: names the damaged record
+
+    def shard_of(self, index: int) -> tuple[str, int]:
+        """(ArrayRecord file, index in that file) of record ``index`` of the split."""
+        instructions = base_data_source.file_instructions(self._source.dataset_info, self.split)
+        start = 0
+        for instruction in instructions:
+            if index < start + instruction.take:
+                return instruction.filename, instruction.skip + index - start
+            start += instruction.take
+        raise IndexError(f"{self!r}: index {index} out of range")
+
+    def damaged(self, index: int, error: BaseException) -> damage.DamagedRecordError:
+        """The one-line error for record ``index``, which could not be read (``error``)."""
+        try:
+            path, file_index = self.shard_of(index)
+        except Exception:  # the dataset_info itself is unreadable: name the folder
+            path, file_index = self.path, None
+        hint = f"run python -m phraseldm_jax prepare --verify --data_dir {self.data_dir}"
+        return damage.damaged_record(path, index, self.split, error, hint, file_index)
 
     def __repr__(self) -> str:
         return f"RecordSource({self.path}, split={self.split!r}, {len(self)} examples)"
@@ -260,7 +302,7 @@ class RecordSource:
 
 def dataset_path(data_dir: str, name: str) -> str:
     """The finished version folder of dataset ``name`` (highest version with dataset_info)."""
-    root = os.path.join(os.fspath(data_dir), name)
+    root = dataset_swap.resolve(data_dir, name)
     versions = []
     if os.path.isdir(root):
         for entry in os.listdir(root):
@@ -289,7 +331,7 @@ def open_source(data_dir: str, name: str, split: str) -> RecordSource:
     builder = tfds.builder_from_directory(path)
     if split not in builder.info.splits:
         raise KeyError(f"{path} has no split {split!r}; it has {sorted(builder.info.splits)}")
-    return RecordSource(builder.as_data_source(split), name, split, path)
+    return RecordSource(builder.as_data_source(split), name, split, path, os.fspath(data_dir))
 
 
 def split_sizes(data_dir: str, name: str) -> dict[str, int]:

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
+from input_pipeline.damage import DamagedRecordError
 from phraseldm_jax.errors import CheckpointDamagedError
 
 # Loggers whose INFO/WARNING lines are library chatter to a user: Orbax ("Item progress was
@@ -145,13 +146,16 @@ def run_parsed(
     prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace
 ) -> int:
     """``run(args)``; a ``UsageError`` (or every checkpoint step damaged) becomes
-    ``prog: error: ...`` and exit status 2."""
+    ``prog: error: ...`` and exit status 2, a damaged dataset record the same line, status 1."""
     quiet_logging(getattr(args, "verbose", False))
     try:
         return int(run(args) or 0)
     except (UsageError, CheckpointDamagedError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except DamagedRecordError as error:  # the data, not the command line: exit status 1
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
 
 
 def usage_error(prog: str, message: str) -> int:
@@ -276,7 +280,8 @@ def flag_error(argv: Sequence[str], error: BaseException) -> str:
 
 def run_absl(main: Callable[[list[str]], object], prog: str, argv: Sequence[str] | None = None):
     """``absl.app.run(main)``, but a flag or config-override mistake is one line
-    ``prog: error: ...`` with exit status 2 instead of a traceback (or absl's exit 1)."""
+    ``prog: error: ...`` with exit status 2 instead of a traceback (or absl's exit 1), and a
+    damaged dataset record read while running is that line with exit status 1."""
     from absl import app
 
     argv = list(sys.argv if argv is None else argv)
@@ -292,6 +297,9 @@ def run_absl(main: Callable[[list[str]], object], prog: str, argv: Sequence[str]
         if not started and exit_.code not in (0, None):
             raise SystemExit(2) from None  # absl has printed the flag error
         raise
+    except DamagedRecordError as error:  # a dataset record read during training
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as error:
         if started:
             raise

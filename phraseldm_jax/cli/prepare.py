@@ -6,6 +6,12 @@
       [--programs 0,25,13] [--drums] [--name_regex 'piano|melody'] [--max_tracks 3] \\
       [--program_map 1:0,2:0] [--slot_programs 13,25,0] [--no_key_norm]
   python -m phraseldm_jax.cli.prepare --source synthetic --data_dir <dir> [--n_songs 48]
+  python -m phraseldm_jax.cli.prepare --verify --data_dir <dir>
+
+A rebuild (``--overwrite``) is written beside the old datasets, in
+``<data_dir>/incomplete.<pid>.<random>/``, and swapped in as one set when finished: a build
+that fails or is killed leaves the old set whole, and the next run removes its leftovers.
+``--verify`` reads back every record and names each damaged file and record (exit status 1).
 
 The summary is printed and saved to ``<data_dir>/prepare_summary.json``; the work is
 ``input_pipeline.prepare.build``.
@@ -28,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from input_pipeline import tfds_builders
 
     parser.add_argument(
-        "--source", choices=tfds_builders.SOURCES, required=True, help="kind of corpus"
+        "--source", choices=tfds_builders.SOURCES, help="kind of corpus (required to build)"
     )
     parser.add_argument("--input", help="raw corpus folder (pop909, midi)")
     parser.add_argument("--data_dir", required=True, help="where the datasets are written")
@@ -39,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes importing songs",
     )
     parser.add_argument("--overwrite", action="store_true", help="rebuild existing datasets")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="build nothing: read back every record under --data_dir and name the damaged "
+        "ones (exit status 1 when any)",
+    )
     parser.add_argument("--limit", type=int, help="pop909: only the first N songs")
     parser.add_argument("--n_songs", type=int, default=48, help="synthetic: corpus size")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: corpus seed")
@@ -56,6 +68,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Every flag checked before any file is scanned (``UsageError`` saying which and why)."""
     from input_pipeline import midi_folder
 
+    if args.source is None:
+        raise common.UsageError("--source is required (or --verify to check --data_dir)")
     for flag, value in (("--workers", args.workers), ("--limit", args.limit),
                         ("--n_songs", args.n_songs), ("--max_tracks", args.max_tracks)):  # fmt: skip
         if value is not None and value < 1:
@@ -79,9 +93,32 @@ def check_args(args: argparse.Namespace) -> None:
             raise common.UsageError(f"--input {args.input}: no such folder")
 
 
+def verify(args: argparse.Namespace) -> int:
+    """``--verify``: one line per damaged file or record, then a summary line; 1 when any."""
+    from input_pipeline import verify as verify_lib
+
+    if args.source is not None:
+        raise common.UsageError("--verify checks --data_dir and builds nothing; drop --source")
+    if not os.path.isdir(args.data_dir):
+        raise common.UsageError(f"--data_dir {args.data_dir}: no such folder")
+    try:
+        report = verify_lib.verify(args.data_dir, progress=True)
+    except FileNotFoundError as error:
+        raise common.UsageError(str(error)) from None
+    for line in report.problems:
+        print(line)
+    print(report.summary_line())
+    if report.problems:
+        print(f"rebuild with {PROG} --source ... --data_dir {args.data_dir} --overwrite")
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from input_pipeline import prepare
 
+    if args.verify:
+        return verify(args)
     check_args(args)
     command = " ".join([PROG, *getattr(args, "argv", sys.argv[1:])])
     try:
