@@ -56,7 +56,9 @@ class StopRequest:
         name = signal.Signals(signum).name
         if not self.signum:
             self.signum = signum
-            again = " (Ctrl-C again exits at once, without saving)" if signum == signal.SIGINT else ""
+            again = (
+                " (Ctrl-C again exits at once, without saving)" if signum == signal.SIGINT else ""
+            )
             _say(f"{name}: stopping after the current step to save a checkpoint{again}")
         elif signum == signal.SIGINT:
             _say("second SIGINT: exiting at once, without saving")

@@ -63,7 +63,9 @@ def read_holder(path: str, attempts: int = 20) -> dict:
 def busy_message(workdir: str, holder: dict) -> str:
     """``<workdir> is in use by pid <pid> on <host> since <time> (<command>)``."""
     pid, host, started, command = (holder.get(k, "?") for k in RECORD_KEYS)
-    return f"{fileio.user_path(workdir)} is in use by pid {pid} on {host} since {started} ({command})"
+    return (
+        f"{fileio.user_path(workdir)} is in use by pid {pid} on {host} since {started} ({command})"
+    )
 
 
 def _acquire(path: str, workdir: str) -> int:
