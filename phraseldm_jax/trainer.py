@@ -442,8 +442,7 @@ def run(
 
 @dataclasses.dataclass(frozen=True)
 class LoopParts:
-    """What the loop drives, built by ``_run_locked``; ``step_fn`` is None when a signal came
-    before it was compiled."""
+    """What the loop drives; ``step_fn`` is None when a signal came before it was compiled."""
 
     tc: ml_collections.ConfigDict
     task: Task
@@ -495,9 +494,10 @@ def _run_locked(config, workdir, task, make_train_iter, stop) -> TrainResult:
                 out_shardings=(state_sh, sharding.replicated(mesh)),
                 donate_argnums=0,
             )
-            # Ahead of time, so that a signal during compilation stops before the first step.
-            step_fn = jitted.lower(state, sharding.global_batch(batch_sh, example), frozen)
-            step_fn = step_fn.compile()
+            # Compiled now for the first batch (jit reuses it): a signal during compilation
+            # stops before step 1. Other shapes (length buckets) compile when they come.
+            jitted.lower(state, sharding.global_batch(batch_sh, example), frozen).compile()
+            step_fn = jitted
         parts = LoopParts(tc, task, store, writer, data_iter, batch_sh, frozen, step_fn, stop)
         return train_loop(parts, state, progress)
     finally:
