@@ -11,12 +11,14 @@ the train state and the Grain iterator, metrics in ``<workdir>/metrics.jsonl`` a
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from phraseldm_jax import fileio, ldm_task, trainer
 from phraseldm_jax.cli import common
-from phraseldm_jax.errors import CheckpointDamagedError
+from phraseldm_jax.errors import CheckpointDamagedError, NonFiniteError, WorkdirBusyError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/ldm_*.py[:size]", lock_config=True)
@@ -34,8 +36,14 @@ def main(argv):
     workdir = fileio.user_path(FLAGS.workdir)
     try:
         result = ldm_task.train(FLAGS.config, workdir)
-    except CheckpointDamagedError as error:  # every step damaged: one line, not a traceback
+    except (CheckpointDamagedError, WorkdirBusyError) as error:  # one line, not a traceback
         raise SystemExit(common.usage_error("train_ldm.py", str(error))) from None
+    except NonFiniteError as error:  # the run diverged: one line, exit 1
+        print(f"train_ldm.py: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if result.interrupted:  # SIGTERM / SIGINT: latest saved, exit 128 + signal
+        print(result.interruption_line, file=sys.stderr)
+        raise SystemExit(result.exit_status)
     print(f"done at step {result.step}: {result.metrics}")
 
 

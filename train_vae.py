@@ -11,13 +11,14 @@ accuracy on ``eval.test_split``, training wall time and steps per second.
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from phraseldm_jax import fileio, trainer, vae_task
 from phraseldm_jax.cli import common
-from phraseldm_jax.errors import CheckpointDamagedError
+from phraseldm_jax.errors import CheckpointDamagedError, NonFiniteError, WorkdirBusyError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/vae_stage*.py[:size]", lock_config=True)
@@ -35,8 +36,14 @@ def main(argv):
     workdir = fileio.user_path(FLAGS.workdir)
     try:
         summary = vae_task.train_and_test(FLAGS.config, workdir)
-    except CheckpointDamagedError as error:  # every step damaged: one line, not a traceback
+    except (CheckpointDamagedError, WorkdirBusyError) as error:  # one line, not a traceback
         raise SystemExit(common.usage_error("train_vae.py", str(error))) from None
+    except NonFiniteError as error:  # the run diverged: one line, exit 1
+        print(f"train_vae.py: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if summary.get("interrupted"):  # SIGTERM / SIGINT: latest saved, exit 128 + signal
+        print(summary["interruption_line"], file=sys.stderr)
+        raise SystemExit(summary["exit_status"])
     print(json.dumps({k: summary[k] for k in ("f1_op", "f1_opd", "f1_iopd", "loss")}, indent=2))
 
 

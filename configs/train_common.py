@@ -29,13 +29,20 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50  # train metrics are averaged over this many steps
     config.train.eval_every = 250  # task.evaluate every this many steps (0 = never)
     config.train.ckpt_every = 1000  # checkpoint every this many steps (and at the end)
-    config.train.keep_last = 3  # latest checkpoints kept (the best one is kept apart)
+    config.train.keep_last = (
+        3  # latest checkpoints kept (plus the lowest-train-loss one; best apart)
+    )
     config.train.seed = 42  # init and per-step keys
     config.train.best_metric = "eval/loss"  # eval metric choosing the best checkpoint ("" = off)
     config.train.best_mode = "min"  # "min" | "max"
     config.train.patience = 0  # evals without a min_delta improvement before stopping; 0 = off
     config.train.min_delta = 0.0  # improvement needed to reset the patience counter
     config.train.progress = True  # tqdm progress bar on process 0
+    # A step whose loss, gradients or updated params are not finite (never saved, whatever the
+    # policy): "stop" ends the run naming the step and the last good checkpoint; "skip" leaves
+    # params and optimiser state as they were (train/skipped_steps counts them in the log).
+    config.train.nonfinite = "stop"
+    config.train.max_skipped_steps = 10  # "skip": this many skipped steps in a row end the run
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # data-parallel axis size; -1 = all devices left

@@ -147,6 +147,17 @@ def _barriers_named(which: str) -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=which)
 
 
+def _train_loss(metrics: dict) -> float:
+    return float(metrics["train/loss"])
+
+
+def _lowest_train_loss() -> ocp.checkpoint_managers.BestN:
+    """Keeps the one latest step with the lowest ``train/loss`` saved with it."""
+    return ocp.checkpoint_managers.BestN(
+        get_metric_fn=_train_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False
+    )
+
+
 class CheckpointStore:
     """The two Orbax managers of one workdir (latest-k and best) behind save/restore calls."""
 
@@ -159,7 +170,13 @@ class CheckpointStore:
             checkpoint_dir(self.workdir, "latest"),
             item_handlers=_handlers(),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep_last,
+                # The last keep_last, and the step saved with the lowest train/loss (a run
+                # that collapses without NaN keeps a good one whatever the rotation).
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                    [ocp.checkpoint_managers.LatestN(keep_last), _lowest_train_loss()]
+                ),
+                best_fn=_train_loss,  # makes Orbax store the metrics passed to save
+                best_mode="min",
                 cleanup_tmp_directories=True,
                 multiprocessing_options=_barriers_named("latest"),
             ),
@@ -182,8 +199,18 @@ class CheckpointStore:
     def latest_step(self, which: str = "latest") -> int | None:
         return self._manager(which).latest_step()
 
-    def save(self, which: str, step: int, state: Any, data_iter: Any, progress: dict) -> None:
+    def save(
+        self,
+        which: str,
+        step: int,
+        state: Any,
+        data_iter: Any,
+        progress: dict,
+        metrics: dict | None = None,
+    ) -> None:
         """Saves ``state`` (jax arrays), the iterator position and ``progress`` at ``step``.
+        ``metrics`` (latest only): ``{"train/loss": x}`` ranks the step for keeping the
+        lowest-loss one; a step without is kept only while among the last ``keep_last``.
 
         Returns once the arrays are copied off the devices and the iterator position and
         ``progress`` are captured (Orbax runs Grain's handler to completion inside ``save``;
@@ -201,6 +228,7 @@ class CheckpointStore:
                 data=grain_ckpt.CheckpointSave(data_iter),
                 progress=ocp.args.JsonSave(copy.deepcopy(progress)),
             ),
+            metrics=metrics if which == "latest" else None,
             force=True,
         )
 

@@ -1,4 +1,5 @@
-"""Errors of the core modules that the converters and loaders share (no heavy imports)."""
+"""Errors of the core modules that the converters, loaders and trainer share (no heavy
+imports)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from collections.abc import Iterable
 class CheckpointDamagedError(FileNotFoundError):
     """Every checkpoint step a load or resume could use is damaged; the message (one line)
     names each step and why."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another training holds the workdir's lock; the message (one line) names the workdir and
+    the holder: ``<workdir> is in use by pid <pid> on <host> since <time> (<command>)``."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step's loss or gradients were not finite (``train.nonfinite="stop"``, or too
+    many skipped steps in a row); the message (one line) names the step and the last good
+    checkpoint."""
 
 
 class CheckpointMismatchError(ValueError):

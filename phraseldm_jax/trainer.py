@@ -5,7 +5,14 @@ weights); this module owns the rest: the train state, the jitted step (gradient
 accumulation, optimiser update, standard metrics) and ``run`` (mesh -> iterator -> optimiser ->
 abstract state -> restore or init -> jit -> loop with logging, evaluation, best checkpoint,
 early stopping and checkpoints). A run resumed from its workdir continues exactly as an
-uninterrupted one would, data order included.
+uninterrupted one would, data order and logged rows included.
+
+Faults it survives: a second trainer on the same workdir is refused (``workdir_lock``); a step
+with non-finite loss or gradients is never saved (a flag computed in the jitted step, read for
+every step before any save; ``train.nonfinite`` stops the run or skips such updates); the
+latest checkpoints keep, besides the last ``keep_last``, the one with the lowest train loss;
+``config.json`` is written only once a restore or init succeeded; SIGTERM / SIGINT save
+``latest`` at the step reached and return (``interrupts``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,21 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from phraseldm_jax import checkpointing, fileio, metric_writer, optim, sharding
+from phraseldm_jax import (
+    checkpointing,
+    fileio,
+    interrupts,
+    metric_writer,
+    optim,
+    sharding,
+    workdir_lock,
+)
+from phraseldm_jax.errors import NonFiniteError
+
+# The per-step flag of the step's metrics: loss, gradient norm and updated params all finite.
+# The loop reads it for every step and leaves it out of the logged means.
+FINITE = "train/finite"
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +84,38 @@ class TrainState(flax.struct.PyTreeNode):
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """Summary of a finished ``run``: final step, last logged metrics, best eval metric."""
+    """Summary of a finished ``run``: final step, last logged metrics, best eval metric.
+
+    interrupted: ``"SIGTERM"`` / ``"SIGINT"`` when a signal stopped the run (``latest`` then
+    holds ``step``); checkpoint: the newest latest checkpoint, ``"latest/N"`` (None: none)."""
 
     step: int
     metrics: dict[str, float]
     best_metric: float | None
     best_step: int | None
     stopped_early: bool
+    interrupted: str | None = None
+    checkpoint: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """What a train script exits with: 0, or 128 + the signal's number (143, 130)."""
+        return interrupts.exit_status(self.interrupted) if self.interrupted else 0
+
+    @property
+    def interruption_line(self) -> str | None:
+        """The one line a train script prints after an interrupted run (None otherwise)."""
+        if not self.interrupted:
+            return None
+        if self.checkpoint is None:
+            return (
+                f"interrupted by {self.interrupted} at step {self.step}: no checkpoint saved "
+                "yet; run the same command again to start"
+            )
+        return (
+            f"interrupted by {self.interrupted} at step {self.step}: saved checkpoint "
+            f"{self.checkpoint}; run the same command again to resume"
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,13 +156,17 @@ def make_train_step(
     lr_fn: optax.Schedule,
     grad_accum_steps: int = 1,
     micro_sharding=None,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """``train_step(state, batch, frozen) -> (state, metrics)``, pure, to be jitted once.
 
     The step's key is ``fold_in(state.rng, state.step)`` (micro-batch i: ``fold_in(key, i)``).
     Metrics: ``train/loss``, ``train/grad_norm`` (all params, before clipping),
-    ``train/param_norm`` (after the update), ``train/lr`` (of this update) and the task's own.
-    With ``grad_accum_steps > 1`` gradients, loss and task metrics are means over micro-batches.
+    ``train/param_norm`` (after the update), ``train/lr`` (of this update), the task's own and
+    ``FINITE`` (bool: loss, grad norm and param norm finite). With ``grad_accum_steps > 1``
+    gradients, loss and task metrics are means over micro-batches. ``skip_nonfinite``: a step
+    whose flag is false keeps params and optimiser state as they were (``step`` still
+    advances, so the next step sees the next batch and key).
     """
     grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
 
@@ -146,12 +196,18 @@ def make_train_step(
         loss, aux, grads = gradients(state.params, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        if skip_nonfinite:
+            keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics = {
             "train/loss": loss,
-            "train/grad_norm": optax.tree.norm(grads),
-            "train/param_norm": optax.tree.norm(params),
+            "train/grad_norm": grad_norm,
+            "train/param_norm": param_norm,
             "train/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
             **_namespaced("train/", aux),
+            FINITE: finite,
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
@@ -172,6 +228,9 @@ def fresh_progress() -> dict:
         evals_without_improvement=0,
         stopped_early=False,
         last_metrics={},
+        window=[],  # host metrics of the steps since the last logged row (exact resume)
+        skipped_steps=0,  # train.nonfinite="skip": updates skipped so far
+        skips_in_a_row=0,
     )
 
 
@@ -265,17 +324,70 @@ def select_best(progress: dict, step: int, eval_metrics: dict, train_config) -> 
     return progress, is_best
 
 
-def check_finite(metrics: dict[str, float], step: int, where: str) -> None:
-    """The NaN guard: raises FloatingPointError naming every non-finite metric."""
-    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-    if bad:
-        raise FloatingPointError(f"{where}: non-finite {bad} at step {step}")
+def check_train_config(tc, task: Task) -> None:
+    """Config mistakes found before the workdir is touched (each a ValueError naming the field)."""
+    if tc.patience > 0 and (task.evaluate is None or not tc.best_metric or not tc.eval_every):
+        raise ValueError(
+            "train.patience > 0 needs task.evaluate, train.eval_every > 0 and train.best_metric"
+        )
+    if nonfinite_policy(tc) not in NONFINITE_POLICIES:
+        raise ValueError(f"train.nonfinite={tc.nonfinite!r}: expected 'stop' or 'skip'")
+    if int(tc.get("max_skipped_steps", 10)) < 1:
+        raise ValueError(f"train.max_skipped_steps={tc.max_skipped_steps} must be >= 1")
 
 
-def mean_metrics(window: list[dict]) -> dict[str, float]:
-    """Host means of the per-step metric dicts of one logging window."""
-    host = [sharding.fetch(m) for m in window]
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+def nonfinite_policy(tc) -> str:
+    return tc.get("nonfinite", "stop")
+
+
+def checkpoint_label(store: checkpointing.CheckpointStore) -> str | None:
+    """``"latest/N"`` for the newest latest checkpoint, None when there is none."""
+    step = store.latest_step()
+    return None if step is None else f"latest/{step}"
+
+
+def screen_steps(rows: list[dict], first_step: int, progress: dict, tc, last_good) -> None:
+    """The non-finite guard over the fetched rows of steps ``first_step, first_step + 1, ...``.
+
+    "stop": the first non-finite step raises ``NonFiniteError``. "skip": counts skipped steps
+    into ``progress`` and raises once ``train.max_skipped_steps`` came in a row. Called for
+    every step before anything is saved, so a non-finite state never is.
+    """
+    limit = int(tc.get("max_skipped_steps", 10))
+    for step, row in enumerate(rows, start=first_step):
+        if row[FINITE]:
+            progress["skips_in_a_row"] = 0
+            continue
+        good = f"last good checkpoint {last_good}" if last_good else "no checkpoint saved yet"
+        if nonfinite_policy(tc) == "stop":
+            raise NonFiniteError(f"non-finite loss/gradients at step {step}; {good}")
+        progress["skipped_steps"] += 1
+        progress["skips_in_a_row"] += 1
+        if progress["skips_in_a_row"] >= limit:
+            raise NonFiniteError(
+                f"non-finite loss/gradients at step {step} ({limit} steps in a row skipped, "
+                f"train.max_skipped_steps={limit}); {good}"
+            )
+
+
+def window_means(rows: list[dict], count_skips: bool) -> dict[str, float]:
+    """The logged row of one window: host means over its finite steps (skipped steps do not
+    count) and, with ``count_skips``, ``train/skipped_steps`` (non-finite steps in it)."""
+    finite = [row for row in rows if row[FINITE]]
+    means = {}
+    if finite:
+        keys = [k for k in finite[0] if k != FINITE]
+        means = {k: float(np.mean([row[k] for row in finite])) for k in keys}
+    if count_skips:
+        means["train/skipped_steps"] = float(len(rows) - len(finite))
+    return means
+
+
+def mean_loss(rows: list[dict]) -> float | None:
+    """Mean train/loss of the finite rows (the lowest-loss checkpoint's measure), or None."""
+    losses = [row["train/loss"] for row in rows if row[FINITE]]
+    value = float(np.mean(losses)) if losses else math.nan
+    return value if math.isfinite(value) else None
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -313,25 +425,44 @@ def run(
     peeked (and rewound) to give ``task.init_params`` its shapes.
 
     Evaluation happens only at multiples of ``eval_every`` and checkpoints at multiples of
-    ``ckpt_every`` plus the last step, so a run split in two decides exactly like one. Call
+    ``ckpt_every`` plus the last step (and the step a SIGTERM / SIGINT stopped at), so a run
+    split in two decides and logs exactly like one. Raises ``WorkdirBusyError`` when another
+    run holds the workdir and ``NonFiniteError`` when the non-finite guard stops the run. Call
     before anything else touches a jax backend when running multi-process.
     """
     maybe_initialize_distributed()
-    tc, accum = config.train, int(config.optim.grad_accum_steps)
-    if tc.patience > 0 and (task.evaluate is None or not tc.best_metric or not tc.eval_every):
-        raise ValueError(
-            "train.patience > 0 needs task.evaluate, train.eval_every > 0 and train.best_metric"
-        )
+    check_train_config(config.train, task)
     workdir = fileio.user_path(workdir)  # Orbax takes absolute paths only
-    os.makedirs(workdir, exist_ok=True)
-    checkpointing.write_workdir_config(workdir, config)
+    # The lock comes before anything is written into the workdir; the handlers cover restore
+    # and compilation too (a signal there stops before the first step).
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+        with interrupts.StopRequest() as stop:
+            return _run_locked(config, workdir, task, make_train_iter, stop)
 
+
+@dataclasses.dataclass(frozen=True)
+class LoopParts:
+    """What the loop drives; ``step_fn`` is None when a signal came before it was compiled."""
+
+    tc: ml_collections.ConfigDict
+    task: Task
+    store: checkpointing.CheckpointStore
+    writer: metric_writer.MetricWriter
+    data_iter: Any
+    batch_sh: Any
+    frozen: Any
+    step_fn: Callable | None
+    stop: interrupts.StopRequest
+
+
+def _run_locked(config, workdir, task, make_train_iter, stop) -> TrainResult:
+    tc, accum = config.train, int(config.optim.grad_accum_steps)
     # Mesh and input.
     mesh = sharding.make_mesh(config.mesh)
     data_iter = make_train_iter(jax.process_index(), jax.process_count())
     example = peek_batch(data_iter)
     check_batch(example, accum)
-    batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
 
     # Optimiser and abstract state: shapes without allocating, then a sharding per leaf.
     tx, lr_fn = optim.make_optimizer(config.optim, tc.num_steps)
@@ -339,59 +470,98 @@ def run(
     abstract_state = jax.eval_shape(init_fn, example)
     state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
 
-    # Restore or init.
     store = checkpointing.CheckpointStore(workdir, keep_last=tc.keep_last)
-    resume_step = store.latest_step()
-    if resume_step is not None:  # the newest intact step; damaged newer ones are reported
-        target = sharding.with_shardings(abstract_state, state_sh)
-        state, progress = store.restore(target, data_iter)
-        resume_step = store.restored.step
-        if store.restored.skipped:
-            skipped = ", ".join(label for label, _ in store.restored.skipped)
-            print(
-                f"resuming from {store.restored.label}; skipped damaged {skipped}", file=sys.stderr
+    writer = None
+    try:
+        state, progress, resume_step = restore_or_init(
+            store, data_iter, init_fn, example, sharding.with_shardings(abstract_state, state_sh)
+        )
+        # Only now: a failed restore (another model size, say) leaves config.json as it was,
+        # so the workdir's checkpoints stay loadable.
+        checkpointing.write_workdir_config(workdir, config)
+        writer = metric_writer.MetricWriter(workdir, resume_step=resume_step)
+
+        # The step, compiled once: state donated, frozen weights an explicit sharded argument.
+        frozen_sh = sharding.tree_shardings(task.frozen, mesh, config.mesh.fsdp_min_size)
+        frozen = jax.device_put(task.frozen, frozen_sh)
+        step_fn = None
+        if not stop.agreed(sync_point=True):
+            micro_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+            skip = nonfinite_policy(tc) == "skip"
+            jitted = jax.jit(
+                make_train_step(task, tx, lr_fn, accum, micro_sh, skip_nonfinite=skip),
+                in_shardings=(state_sh, batch_sh, frozen_sh),
+                out_shardings=(state_sh, sharding.replicated(mesh)),
+                donate_argnums=0,
             )
-        store.drop_best_after(resume_step)
-    else:
-        state, progress = jax.jit(init_fn, out_shardings=state_sh)(example), fresh_progress()
-    writer = metric_writer.MetricWriter(workdir, resume_step=resume_step)
+            # Compiled now for the first batch (jit reuses it): a signal during compilation
+            # stops before step 1. Other shapes (length buckets) compile when they come.
+            jitted.lower(state, sharding.global_batch(batch_sh, example), frozen).compile()
+            step_fn = jitted
+        parts = LoopParts(tc, task, store, writer, data_iter, batch_sh, frozen, step_fn, stop)
+        return train_loop(parts, state, progress)
+    finally:
+        store.wait_until_finished()
+        store.close()
+        if writer is not None:
+            writer.close()
 
-    # The step, compiled once: state donated, frozen weights an explicit sharded argument.
-    frozen_sh = sharding.tree_shardings(task.frozen, mesh, config.mesh.fsdp_min_size)
-    frozen = jax.device_put(task.frozen, frozen_sh)
-    micro_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
-    train_step = jax.jit(
-        make_train_step(task, tx, lr_fn, accum, micro_sh),
-        in_shardings=(state_sh, batch_sh, frozen_sh),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
-    )
 
-    # Loop.
+def restore_or_init(store, data_iter, init_fn, example, target) -> tuple[Any, dict, int | None]:
+    """``(state, progress, resume_step)``: the newest intact latest checkpoint (damaged newer
+    ones reported), or a fresh init (``resume_step`` None) placed by ``target``'s shardings."""
+    if store.latest_step() is None:
+        shardings = jax.tree.map(lambda x: x.sharding, target)
+        return jax.jit(init_fn, out_shardings=shardings)(example), fresh_progress(), None
+    state, progress = store.restore(target, data_iter)
+    resume_step = store.restored.step
+    if store.restored.skipped:
+        skipped = ", ".join(label for label, _ in store.restored.skipped)
+        print(f"resuming from {store.restored.label}; skipped damaged {skipped}", file=sys.stderr)
+    store.drop_best_after(resume_step)
+    return state, {**fresh_progress(), **progress}, resume_step  # older checkpoints lack keys
+
+
+def train_loop(parts: LoopParts, state: TrainState, progress: dict) -> TrainResult:
+    """Steps from ``state.step`` to ``train.num_steps`` with logging, evaluation, the best
+    checkpoint, early stopping, checkpoints and the non-finite guard; a signal ends it after
+    the current step with ``latest`` saved there."""
+    tc, task, store, writer, stop = parts.tc, parts.task, parts.store, parts.writer, parts.stop
     start = int(sharding.fetch(state.step))
     show = bool(tc.progress) and jax.process_index() == 0
     bar = tqdm.tqdm(total=tc.num_steps, initial=start, disable=not show, desc=task.name)
-    last_metrics, window, step = dict(progress["last_metrics"]), [], start
+    last_metrics, step, interrupted = dict(progress["last_metrics"]), start, None
+    window = list(progress["window"])  # host rows of the steps since the last logged row
+    pending: list[dict] = []  # device metrics of the steps not fetched yet
+    since_save: list[dict] = []  # host rows since the last latest checkpoint
     remaining = range(start + 1, tc.num_steps + 1) if not progress["stopped_early"] else ()
+    if parts.step_fn is None or stop.agreed(sync_point=True):
+        remaining, interrupted = (), stop.signal_name
     try:
         for step in remaining:
-            batch = sharding.global_batch(batch_sh, next(data_iter))
-            state, metrics = train_step(state, batch, frozen)
-            window.append(metrics)
+            batch = sharding.global_batch(parts.batch_sh, next(parts.data_iter))
+            state, metrics = parts.step_fn(state, batch, parts.frozen)
+            pending.append(metrics)
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.num_steps:
-                train_metrics = mean_metrics(window)
-                window = []
-                check_finite(
-                    train_metrics, step, f"{task.name} (last checkpoint: {store.latest_step()})"
-                )
+            is_log = step % tc.log_every == 0 or step == tc.num_steps
+            is_eval = bool(task.evaluate and tc.eval_every and step % tc.eval_every == 0)
+            is_ckpt = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.num_steps
+            stopping = stop.agreed(sync_point=is_log or is_eval or is_ckpt)
+            if is_log or is_eval or is_ckpt or stopping:  # every step screened before a save
+                rows = sharding.fetch(pending)
+                screen_steps(rows, step - len(rows) + 1, progress, tc, checkpoint_label(store))
+                pending, window, since_save = [], window + rows, since_save + rows
+
+            if is_log:
+                train_metrics, window = window_means(window, nonfinite_policy(tc) == "skip"), []
                 writer.write(step, train_metrics)
                 writer.flush()
                 last_metrics.update(train_metrics)
-                bar.set_postfix(loss=f"{train_metrics['train/loss']:.4g}")
+                if "train/loss" in train_metrics:
+                    bar.set_postfix(loss=f"{train_metrics['train/loss']:.4g}")
 
-            if task.evaluate is not None and tc.eval_every and step % tc.eval_every == 0:
+            if is_eval:
                 eval_metrics = _namespaced("eval/", task.evaluate(state.params, step))
                 writer.write(step, eval_metrics)
                 writer.flush()
@@ -399,20 +569,23 @@ def run(
                 if tc.best_metric:
                     progress, is_best = select_best(progress, step, eval_metrics, tc)
                     if is_best:
-                        progress["last_metrics"] = dict(last_metrics)
-                        store.save("best", step, state, data_iter, progress)
+                        progress.update(last_metrics=dict(last_metrics), window=list(window))
+                        store.save("best", step, state, parts.data_iter, progress)
 
-            final = step == tc.num_steps or progress["stopped_early"]
-            if final or (tc.ckpt_every and step % tc.ckpt_every == 0):
-                progress["last_metrics"] = dict(last_metrics)
-                store.save("latest", step, state, data_iter, progress)
+            if is_ckpt or stopping or progress["stopped_early"]:
+                progress.update(last_metrics=dict(last_metrics), window=list(window))
+                loss = mean_loss(since_save)
+                ranked = None if loss is None else {"train/loss": loss}
+                store.save("latest", step, state, parts.data_iter, progress, metrics=ranked)
+                since_save = []
+            if stopping:
+                store.wait_until_finished()  # complete on disk before the process exits
+                interrupted = stop.signal_name
+                break
             if progress["stopped_early"]:
                 break
     finally:
         bar.close()
-        store.wait_until_finished()
-        store.close()
-        writer.close()
 
     return TrainResult(
         step=step,
@@ -420,4 +593,6 @@ def run(
         best_metric=progress["best_value"],
         best_step=progress["best_step"],
         stopped_early=bool(progress["stopped_early"]),
+        interrupted=interrupted,
+        checkpoint=checkpoint_label(store),
     )

@@ -31,7 +31,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from input_pipeline import splits, vae_pipeline
-from phraseldm_jax import checkpointing, decoding, fileio, metric_writer, sharding, trainer
+from phraseldm_jax import (
+    checkpointing,
+    decoding,
+    fileio,
+    metric_writer,
+    sharding,
+    trainer,
+    workdir_lock,
+)
 from phraseldm_jax import vae as vae_lib
 from phraseldm_jax.metrics import f1 as f1_lib
 from phraseldm_jax.vocab import EOS_ID, IGNORE_LABEL, PHRASE_VOCAB
@@ -404,12 +412,26 @@ def evaluate_checkpoint(
 def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """``trainer.run`` in ``workdir`` (resuming if it holds a checkpoint), then the best
     checkpoint's metrics on ``eval.test_split``, with the training wall time and steps per
-    second; written to ``<workdir>/test_metrics.json`` and returned."""
+    second; written to ``<workdir>/test_metrics.json`` and returned. The workdir's lock is
+    held for both. A run stopped by a signal is not tested: the summary is then
+    ``{"final_step", "interrupted", "interruption_line", "exit_status"}`` (``TrainResult``'s)."""
     trainer.maybe_initialize_distributed()
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+        return _train_and_test(config, workdir)
+
+
+def _train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     first_step = max(checkpointing.finished_steps(workdir, "latest"), default=0)
     start = time.time()
     result = trainer.run(config, workdir, vae_task(config), vae_pipeline.make_train_iter(config))
     train_seconds = time.time() - start
+    if result.interrupted:
+        return {
+            "final_step": result.step,
+            "interrupted": result.interrupted,
+            "interruption_line": result.interruption_line,
+            "exit_status": result.exit_status,
+        }
     eval_seconds = 0.0
     if jax.process_index() == 0:
         rows = metric_writer.read_jsonl(workdir)

@@ -15,7 +15,7 @@ import toy_training as toy
 
 from configs import train_common
 from phraseldm_jax import checkpointing, metric_writer, trainer
-from phraseldm_jax.errors import CheckpointMismatchError
+from phraseldm_jax.errors import CheckpointMismatchError, NonFiniteError
 
 STEPS = 8
 
@@ -242,9 +242,10 @@ def test_event_files_and_jsonl_are_readable(early_stopped):
     assert eval_rows[0]["eval/sample"] == "song at step 1"
 
 
-def test_nan_guard_stops_at_log_time(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"non-finite \[.*'train/loss'.*step 1"):
+def test_nan_guard_stops_at_the_first_step(tmp_path):
+    with pytest.raises(NonFiniteError, match="^non-finite loss/gradients at step 1; no checkpoint"):
         run_toy(tmp_path, num_steps=2, task=toy.make_task(loss_scale=math.nan))
+    assert not os.path.exists(tmp_path / "checkpoints" / "latest" / "1")
 
 
 def test_patience_without_evaluation_is_a_config_error(tmp_path):
@@ -280,7 +281,8 @@ def test_default_train_config_has_every_group_and_field():
     }  # fmt: skip
     assert set(config.train) >= {
         "num_steps", "log_every", "eval_every", "ckpt_every", "keep_last", "seed",
-        "best_metric", "best_mode", "patience", "min_delta", "progress",
+        "best_metric", "best_mode", "patience", "min_delta", "progress", "nonfinite",
+        "max_skipped_steps",
     }  # fmt: skip
     assert dict(config.mesh) == {"data": -1, "fsdp": 1, "fsdp_min_size": 2**18}
 

@@ -8,6 +8,8 @@ data order through the ``train/index_sum`` metric.
 
 from __future__ import annotations
 
+import time
+
 import flax.linen as nn
 import grain
 import jax
@@ -32,20 +34,31 @@ class MLP(nn.Module):
         return nn.Dense(OUT_DIM)(x)
 
 
-def examples() -> list[dict]:
+def examples(nan_index: int | None = None) -> list[dict]:
+    """The toy set; ``nan_index``: that example's inputs are NaN (its batches' loss too)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(NUM_EXAMPLES, IN_DIM)).astype(np.float32)
     w = rng.normal(size=(IN_DIM, OUT_DIM)).astype(np.float32) / 4
     y = np.tanh(x @ w).astype(np.float32)
+    if nan_index is not None:
+        x[nan_index] = np.nan
     return [dict(x=x[i], y=y[i], index=np.int32(i)) for i in range(NUM_EXAMPLES)]
 
 
-def make_train_iter_factory(batch_size: int = 16, seed: int = 3, fail_after: int | None = None):
+def make_train_iter_factory(
+    batch_size: int = 16,
+    seed: int = 3,
+    fail_after: int | None = None,
+    nan_index: int | None = None,
+    announce_delay: float | None = None,
+):
     """``make_train_iter(process_index, process_count)`` over a shuffled, repeated toy set.
 
     ``fail_after``: the iterator raises after serving that many batches (a simulated crash).
+    ``announce_delay``: every fetch prints ``batch <k>`` (k = 0 for the peek at start-up, else
+    the step) to stdout and then sleeps that long, so a test can signal at a known point.
     """
-    data = examples()
+    data = examples(nan_index)
 
     def make_train_iter(process_index: int, process_count: int):
         ds = (
@@ -56,6 +69,8 @@ def make_train_iter_factory(batch_size: int = 16, seed: int = 3, fail_after: int
             .to_iter_dataset()
         )
         it = iter(ds)
+        if announce_delay is not None:
+            return AnnouncingIterator(it, announce_delay)
         return it if fail_after is None else CrashingIterator(it, fail_after)
 
     return make_train_iter
@@ -81,6 +96,27 @@ class CrashingIterator(grain.DatasetIterator):
     def set_state(self, state):
         self._parent.set_state(state)
         self.left = self.fail_after
+
+
+class AnnouncingIterator(grain.DatasetIterator):
+    """Wraps a Grain iterator; prints ``batch <k>`` before serving batch k and sleeps (k counts
+    from 0, the trainer's peek at start-up, which is rewound: step s then fetches batch s)."""
+
+    def __init__(self, inner, delay: float):
+        super().__init__(inner)
+        self.delay, self.count = delay, 0
+
+    def __next__(self):
+        print(f"batch {self.count}", flush=True)
+        self.count += 1
+        time.sleep(self.delay)
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
 
 
 def frozen_projection() -> dict:
