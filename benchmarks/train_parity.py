@@ -126,9 +126,9 @@ def adam_moments(opt_state: Any, params: Any) -> tuple[Any, Any]:
 
     def filled(tree):
         return jax.tree.map(
-            lambda p, m: np.zeros(p.shape, np.float32)
-            if isinstance(m, optax.MaskedNode)
-            else np.asarray(m),
+            lambda p, m: (
+                np.zeros(p.shape, np.float32) if isinstance(m, optax.MaskedNode) else np.asarray(m)
+            ),
             params,
             tree,
         )
@@ -396,7 +396,11 @@ def ldm_sides(variant: str, size: str, songs, batch_size: int, seed: int) -> Sid
         plans = [s["section_plan"] for s in chosen]
         diff = float(np.max(np.abs(ours["latents"] - x0.numpy())))
         t_t, noise_t = torch.from_numpy(t), torch.from_numpy(noise)
-        return ours, lambda: ttr.ldm_training_loss(torch_model, x0, t_t, noise_t, n_bars, plans), diff
+        return (
+            ours,
+            lambda: ttr.ldm_training_loss(torch_model, x0, t_t, noise_t, n_bars, plans),
+            diff,
+        )
 
     return Sides(task, tx, lr_fn, jax.device_put(params), to_torch, trainer_t, batches)
 

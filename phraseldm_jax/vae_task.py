@@ -151,9 +151,7 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
     def loss_fn(params, frozen, batch, rng, train):
         del frozen
         rngs = {"dropout": jax.random.fold_in(rng, 0), "latent": jax.random.fold_in(rng, 1)}
-        return vae_loss(
-            model, kl_weight, params, batch, train=train, rngs=rngs if train else None
-        )
+        return vae_loss(model, kl_weight, params, batch, train=train, rngs=rngs if train else None)
 
     return loss_fn
 

@@ -108,14 +108,24 @@ def test_vae_loss_with_given_noise_is_the_reference_formula():
 
     _, model, params, batch = _tiny_vae()
     eps = np.random.default_rng(1).standard_normal((3, model.config.latent_dim)).astype(np.float32)
-    loss, metrics = vae_task.vae_loss(model, 0.01, params, batch, train=True, latent_noise=eps)
-    mean, logvar = model.apply(
-        {"params": params}, batch["input_ids"], batch["attention_mask"], method=vae.PhraseVAE.encode
+    loss_fn = jax.jit(
+        lambda p, b, e: vae_task.vae_loss(model, 0.01, p, b, train=True, latent_noise=e)
     )
-    z = mean + eps * jnp.exp(0.5 * logvar)
-    logits = model.apply(
-        {"params": params}, z, batch["decoder_input_ids"], method=vae.PhraseVAE.decode_logits
-    )
+    loss, metrics = loss_fn(params, batch, eps)
+
+    @jax.jit
+    def by_hand(params, batch, eps):
+        variables = {"params": params}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        mean, logvar = model.apply(variables, ids, mask, method=vae.PhraseVAE.encode)
+        z = mean + eps * jnp.exp(0.5 * logvar)
+        decoder_ids = batch["decoder_input_ids"]
+        return model.apply(variables, z, decoder_ids, method=vae.PhraseVAE.decode_logits), (
+            mean,
+            logvar,
+        )
+
+    logits, (mean, logvar) = by_hand(params, batch, eps)
     recon = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(batch["labels"], 0))
     recon = jnp.sum(jnp.where(batch["labels"] >= 0, recon, 0)) / np.sum(batch["labels"] >= 0)
     kl = jnp.mean(-0.5 * jnp.sum(1 + logvar - mean**2 - jnp.exp(logvar), -1)) / mean.shape[-1]
@@ -128,7 +138,9 @@ def test_training_loss_draws_the_eps_the_noise_seam_takes():
 
     config, model, params, batch = _tiny_vae()
     rng = jax.random.PRNGKey(7)
-    loss, _ = vae_task.make_loss_fn(config)(params, None, batch, rng, True)
+    loss, _ = jax.jit(vae_task.make_loss_fn(config), static_argnums=4)(
+        params, None, batch, rng, True
+    )
     zeros = jnp.zeros((3, model.config.latent_dim))
     eps = model.apply(  # z of mean 0, logvar 0 is the eps itself
         {"params": params},
@@ -137,9 +149,13 @@ def test_training_loss_draws_the_eps_the_noise_seam_takes():
         method=vae.PhraseVAE.sample_latent,
         rngs={"latent": jax.random.fold_in(rng, 1)},
     )
-    given, _ = vae_task.vae_loss(model, 0.01, params, batch, train=True, latent_noise=eps)
-    assert float(loss) == float(given)
-    no_noise, _ = vae_task.vae_loss(model, 0.01, params, batch, train=False)
+    given, _ = jax.jit(
+        lambda p, b, e: vae_task.vae_loss(model, 0.01, p, b, train=True, latent_noise=e)
+    )(params, batch, eps)
+    np.testing.assert_allclose(float(loss), float(given), rtol=1e-6)
+    no_noise, _ = jax.jit(lambda p, b: vae_task.vae_loss(model, 0.01, p, b, train=False))(
+        params, batch
+    )
     assert float(no_noise) != float(given)
 
 
@@ -159,9 +175,13 @@ def test_diffusion_loss_is_the_noise_prediction_loss_of_its_draws():
     examples = [ldm_pipeline.encode_record(s, i, encoding) for i, s in enumerate(songs)]
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     rng = jax.random.PRNGKey(3)
-    loss, _ = ldm_task.diffusion_loss(params, cfg, batch, rng, train=False)
+    loss, _ = jax.jit(lambda p, b, r: ldm_task.diffusion_loss(p, cfg, b, r, train=False))(
+        params, batch, rng
+    )
     t_key, noise_key, _, _ = jax.random.split(rng, 4)
     t = jax.random.randint(t_key, (2,), 0, 1000)
     noise = jax.random.normal(noise_key, batch["latents"].shape)
-    given, _ = ldm_task.noise_prediction_loss(params, cfg, batch, t, noise)
-    assert float(loss) == float(given)
+    given, _ = jax.jit(lambda p, b, t, n: ldm_task.noise_prediction_loss(p, cfg, b, t, n))(
+        params, batch, t, noise
+    )
+    np.testing.assert_allclose(float(loss), float(given), rtol=1e-6)
