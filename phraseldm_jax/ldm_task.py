@@ -102,20 +102,52 @@ def diffusion_loss(
     cond_dropout: float = 0.0,
     mask_padding: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Epsilon-prediction MSE of one ``ldm_pipeline`` batch.
+    """Epsilon-prediction MSE of one ``ldm_pipeline`` batch, its randomness drawn from ``rng``
+    (timesteps, noise, condition dropout, the section encoder's dropout): see
+    ``noise_prediction_loss``."""
+    x0 = batch["latents"]
+    batch_size = x0.shape[0]
+    t_key, noise_key, drop_key, dropout_key = jax.random.split(rng, 4)
+    t = jax.random.randint(t_key, (batch_size,), 0, config.diffusion_steps)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    null = None
+    if train and cond_dropout > 0:
+        null = jax.random.bernoulli(drop_key, cond_dropout, (batch_size,))
+    return noise_prediction_loss(
+        params,
+        config,
+        batch,
+        t,
+        noise,
+        null=null,
+        deterministic=not train,
+        dropout_rng=dropout_key,
+        mask_padding=mask_padding,
+    )
 
+
+def noise_prediction_loss(
+    params: Any,
+    config: ldm.PhraseLDMConfig,
+    batch: Mapping[str, jax.Array],
+    t: jax.Array,
+    noise: jax.Array,
+    *,
+    null: jax.Array | None = None,
+    deterministic: bool = True,
+    dropout_rng: jax.Array | None = None,
+    mask_padding: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Epsilon-prediction MSE at given timesteps ``t`` [batch] and noise [batch, length, C].
+
+    x_t = add_noise(x0, noise, t); ``null`` [batch] bool gives those songs null conditions;
+    ``deterministic=False`` runs the section encoder's dropout (``dropout_rng``).
     Returns the loss (mean over songs weighted by ``batch["weight"]``) and metrics ``mse``
     (all positions), ``mse_song`` (the song's rows) and ``mse_pad`` (the padding rows).
     """
     x0 = batch["latents"]
     batch_size, length, _ = x0.shape
-    t_key, noise_key, drop_key, dropout_key = jax.random.split(rng, 4)
-    t = jax.random.randint(t_key, (batch_size,), 0, config.diffusion_steps)
-    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = diffusion.add_noise(x0, noise, t)
-    null = None
-    if train and cond_dropout > 0:
-        null = jax.random.bernoulli(drop_key, cond_dropout, (batch_size,))
     eps = ldm.predict_noise(
         params,
         config,
@@ -123,8 +155,8 @@ def diffusion_loss(
         t,
         ldm.conditions_from_batch(batch),
         null,
-        deterministic=not train,
-        dropout_rng=dropout_key,
+        deterministic=deterministic,
+        dropout_rng=dropout_rng,
     )
     sq = jnp.mean(jnp.square(eps - noise), axis=-1)  # [batch, length]
     song = jnp.arange(length)[None, :] < SLOTS_PER_BAR * batch["n_bars"][:, None]

@@ -136,10 +136,15 @@ class PhraseVAE(nn.Module):
         stats = self.proj(self.layer_norm(flat))
         return stats[:, : self.config.latent_dim], stats[:, self.config.latent_dim :]
 
-    def sample_latent(self, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-        """z = mean + eps * exp(logvar / 2), eps ~ N(0, I) from the "latent" rng stream."""
-        eps = jax.random.normal(self.make_rng("latent"), mean.shape, jnp.float32)
-        return mean + eps * jnp.exp(0.5 * logvar)
+    def sample_latent(
+        self, mean: jax.Array, logvar: jax.Array, noise: jax.Array | None = None
+    ) -> jax.Array:
+        """z = mean + eps * exp(logvar / 2), eps ~ N(0, I) from the "latent" rng stream, or
+        ``noise`` [batch, latent_dim] when given (the same eps fed to another implementation)."""
+        eps = noise
+        if eps is None:
+            eps = jax.random.normal(self.make_rng("latent"), mean.shape, jnp.float32)
+        return mean + eps.astype(jnp.float32) * jnp.exp(0.5 * logvar)
 
     def latent_to_memory(self, z: jax.Array) -> jax.Array:
         """z: [batch, latent_dim] -> memory [batch, n_query_tokens, d_model] float32."""
@@ -204,22 +209,25 @@ class PhraseVAE(nn.Module):
         decoder_input_ids: jax.Array,
         deterministic: bool = True,
         sample_latent: bool | None = None,
+        latent_noise: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Training forward.
 
         Args:
           sample_latent: head vae, draw z from the posterior (default: ``not deterministic``; the
             original also samples in validation, pass True to reproduce that).
+          latent_noise: head vae, [batch, latent_dim] eps of the sample instead of the
+            ``"latent"`` rng stream (implies sampling).
         Returns:
           logits [batch, dec_len, vocab] float32, and (mean, logvar) for head vae, else None.
         """
         if sample_latent is None:
-            sample_latent = not deterministic
+            sample_latent = latent_noise is not None or not deterministic
         if self.config.head != "vae":
             memory, memory_mask = self.encode_memory(input_ids, attention_mask, deterministic)
             return self.decode_logits(memory, decoder_input_ids, memory_mask, deterministic), None
         mean, logvar = self.encode(input_ids, attention_mask, deterministic)
-        z = self.sample_latent(mean, logvar) if sample_latent else mean
+        z = self.sample_latent(mean, logvar, latent_noise) if sample_latent else mean
         logits = self.decode_logits(
             self.latent_to_memory(z), decoder_input_ids, None, deterministic
         )

@@ -114,31 +114,52 @@ def latent_statistics(mean: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+def vae_loss(
+    model: vae_lib.PhraseVAE,
+    kl_weight: float,
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    train: bool,
+    rngs: Mapping[str, jax.Array] | None = None,
+    latent_noise: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training loss of one batch and its metrics, with the randomness passed in.
+
+    ``train`` turns dropout on (rng ``"dropout"`` in ``rngs``) and, in stage 3, samples z
+    (rng ``"latent"``, or the given ``latent_noise`` [batch, latent_dim] eps).
+    """
+    logits, posterior = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["decoder_input_ids"],
+        deterministic=not train,
+        sample_latent=train,
+        latent_noise=latent_noise,
+        rngs=rngs,
+    )
+    recon = vae_lib.cross_entropy_loss(logits, batch["labels"])
+    metrics = {"recon": recon, "accuracy": token_accuracy(logits, batch["labels"])}
+    loss = recon
+    if posterior is not None:
+        mean, logvar = posterior
+        kl = vae_lib.kl_divergence(mean, logvar)
+        loss = recon + kl_weight * kl
+        metrics.update(kl=kl, **latent_statistics(mean))
+    return loss, metrics
+
+
 def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
-    """``loss_fn(params, frozen, batch, rng, train) -> (loss, metrics)`` of the trainer."""
+    """``loss_fn(params, frozen, batch, rng, train) -> (loss, metrics)`` of the trainer: the
+    ``vae_loss`` with dropout and z drawn from ``rng``."""
     model = vae_lib.PhraseVAE(model_config(config))
     kl_weight = float(config.train.kl_weight)
 
     def loss_fn(params, frozen, batch, rng, train):
         del frozen
         rngs = {"dropout": jax.random.fold_in(rng, 0), "latent": jax.random.fold_in(rng, 1)}
-        logits, posterior = model.apply(
-            {"params": params},
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["decoder_input_ids"],
-            deterministic=not train,
-            rngs=rngs if train else None,
-        )
-        recon = vae_lib.cross_entropy_loss(logits, batch["labels"])
-        metrics = {"recon": recon, "accuracy": token_accuracy(logits, batch["labels"])}
-        loss = recon
-        if posterior is not None:
-            mean, logvar = posterior
-            kl = vae_lib.kl_divergence(mean, logvar)
-            loss = recon + kl_weight * kl
-            metrics.update(kl=kl, **latent_statistics(mean))
-        return loss, metrics
+        return vae_loss(model, kl_weight, params, batch, train=train, rngs=rngs if train else None)
 
     return loss_fn
 
