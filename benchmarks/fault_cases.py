@@ -245,7 +245,9 @@ def _kill_trial(model: fh.Model, kill: dict, final: Trial) -> Trial:
         return trial
     trial.steps_lost = kill["reached"] - start
     every = model.ckpt_every
-    if start < (kill["reached"] // every) * every - every:
+    # The save of the last multiple of ckpt_every before the step reached had begun; only
+    # it (the one being written) may be lost, so the resume starts one interval before it.
+    if start < ((kill["reached"] - 1) // every) * every - every:
         trial.problems.append(
             f"killed at step {kill['reached']}, resumed from {start}: more than one "
             f"checkpoint interval ({every}) lost"
@@ -424,6 +426,8 @@ def _damage_case(suite: Suite, trials: int, damage) -> list[Trial]:
             trial.steps_lost = None if start is None else newest - start
             if start not in (newest, previous):
                 trial.problems.append(f"resume started at step {start}")
+            elif start == newest and trial.problems:
+                trial.problems.insert(0, "not detected: the resume used the damaged step")
             elif start == newest and not loader_fell_back and not trial.problems:
                 trial.note = "not detected; the damaged bytes are never read (no effect)"
             elif start == newest and not trial.problems:
@@ -700,20 +704,31 @@ def _full_disk_trial(suite: Suite, model: fh.Model, workdir: str, mount: str) ->
 # prepare --overwrite killed.
 
 
-def dataset_fingerprint(data_dir: str) -> str:
-    """A hash of every record of every split of every dataset in ``data_dir`` ("unreadable:
-    ..." when one cannot be read)."""
+def dataset_fingerprint(data_dir: str) -> dict[str, str]:
+    """Per dataset of ``data_dir``: a hash of every record of every split, or "unreadable:
+    ..." when it cannot be read."""
     from input_pipeline import tfds_builders
 
-    digest = hashlib.sha256()
-    try:
-        for name in tfds_builders.DATASET_NAMES:
+    prints = {}
+    for name in tfds_builders.DATASET_NAMES:
+        digest = hashlib.sha256()
+        try:
             for split, size in sorted(tfds_builders.split_sizes(data_dir, name).items()):
-                records = tfds_builders.open_source(data_dir, name, split).__getitems__(range(size))
-                digest.update(json.dumps([name, split, records], sort_keys=True).encode())
-    except Exception as error:  # noqa: BLE001 - any read failure means a damaged dataset
-        return f"unreadable: {str(error).splitlines()[0][:160]}"
-    return digest.hexdigest()
+                source = tfds_builders.open_source(data_dir, name, split)
+                digest.update(json.dumps([split, source.__getitems__(range(size))]).encode())
+            prints[name] = digest.hexdigest()
+        except Exception as error:  # noqa: BLE001 - any read failure means a damaged dataset
+            prints[name] = f"unreadable: {str(error).splitlines()[0][:120]}"
+    return prints
+
+
+def dataset_state(found: dict[str, str], old: dict[str, str], new: dict[str, str]) -> str:
+    """ "old", "new", or which dataset is which ("mix: songs new, phrases old, ...")."""
+    each = {n: "old" if p == old[n] else "new" if p == new[n] else p for n, p in found.items()}
+    kinds = set(each.values())
+    if len(kinds) == 1 and kinds <= {"old", "new"}:
+        return kinds.pop()
+    return "mix: " + ", ".join(f"{name} {state}" for name, state in each.items())
 
 
 def _listing(folder: str) -> frozenset[str]:
@@ -793,10 +808,10 @@ def prepare_overwrite(suite: Suite, trials: int) -> list[Trial]:
         finally:
             launch.ensure_dead()
         found = dataset_fingerprint(data_dir)
-        state = {setup["old_print"]: "old", setup["new_print"]: "new"}.get(found, found)
+        state = dataset_state(found, setup["old_print"], setup["new_print"])
         trial.detail.update(delay_s=round(delay, 3), killed_while_running=killed, left=state)
         if state not in ("old", "new"):
-            trial.problems.append(f"left neither the old nor the new dataset ({state[:80]})")
+            trial.problems.append(f"left neither the old nor the new dataset ({state[:160]})")
             trial.corrupt = True
         again = _prepare(suite, data_dir, *NEW_DATA)
         if again.wait(timeout=600) != 0 or dataset_fingerprint(data_dir) != setup["new_print"]:

@@ -29,17 +29,17 @@ from benchmarks import fault_cases as fc
 
 # name -> (function, default trials, the fault in a few words)
 CASES = {
-    "sigkill_vae": (fc.sigkill_vae, 12, "SIGKILL at a random step, PhraseVAE"),
-    "sigkill_ldm": (fc.sigkill_ldm, 12, "SIGKILL at a random step, PhraseLDM"),
-    "sigkill_save_vae": (fc.sigkill_save_vae, 4, "SIGKILL during a checkpoint write, PhraseVAE"),
-    "sigkill_save_ldm": (fc.sigkill_save_ldm, 4, "SIGKILL during a checkpoint write, PhraseLDM"),
+    "sigkill_vae": (fc.sigkill_vae, 10, "SIGKILL at a random step, PhraseVAE"),
+    "sigkill_ldm": (fc.sigkill_ldm, 10, "SIGKILL at a random step, PhraseLDM"),
+    "sigkill_save_vae": (fc.sigkill_save_vae, 3, "SIGKILL during a checkpoint write, PhraseVAE"),
+    "sigkill_save_ldm": (fc.sigkill_save_ldm, 3, "SIGKILL during a checkpoint write, PhraseLDM"),
     "sigterm": (fc.sigterm, 2, "SIGTERM at a random step"),
     "sigint": (fc.sigint, 2, "SIGINT (Ctrl-C) at a random step"),
-    "bitflip": (fc.bitflip, 4, "one bit flipped in a checkpoint's arrays"),
-    "truncate": (fc.truncate, 4, "one checkpoint file truncated"),
+    "bitflip": (fc.bitflip, 3, "one bit flipped in a checkpoint's arrays"),
+    "truncate": (fc.truncate, 3, "one checkpoint file truncated"),
     "two_trainers": (fc.two_trainers, 2, "a second trainer on a running one's workdir"),
     "nan": (fc.nan, 2, "a diverging run (lr 1e30, NaN by step 2)"),
-    "prepare_overwrite": (fc.prepare_overwrite, 3, "SIGKILL during prepare --overwrite"),
+    "prepare_overwrite": (fc.prepare_overwrite, 2, "SIGKILL during prepare --overwrite"),
     "full_disk": (fc.full_disk, 2, "the checkpoints' disk full"),
     "truncated_metrics": (fc.truncated_metrics, 2, "a truncated last line of metrics.jsonl"),
 }
