@@ -222,7 +222,7 @@ class Launch:
             self.proc.kill()
             self.proc.wait()
 
-    def tail(self, lines: int = 2) -> str:
+    def tail(self, lines: int = 1) -> str:
         """The last ``lines`` lines of stderr, tqdm's updates left out (for reports)."""
         text = [line.split("\r")[-1].strip() for line in self.stderr().splitlines()]
         text = [line for line in text if line and not TQDM_COUNT.search(line)]

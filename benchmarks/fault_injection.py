@@ -157,7 +157,7 @@ def main(argv=None) -> int:
 
     args, cases = parse_args(argv)
     quiet_logging(args.verbose)
-    root = args.keep or tempfile.mkdtemp(prefix="fault_injection_")
+    root = os.path.abspath(args.keep) if args.keep else tempfile.mkdtemp(prefix="fault_injection_")
     os.makedirs(root, exist_ok=True)
     out = args.out or os.path.join(
         common.REPO_ROOT, "benchmarks", "results", "fault_injection.json"
