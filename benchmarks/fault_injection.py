@@ -11,7 +11,7 @@ metrics line), and compared with an uninterrupted run of the same command.
 Prints the table fault / trials / outcome / steps lost / data corrupt (docs/FAULTS.md) and
 writes JSON with every trial's details (default ``benchmarks/results/fault_injection.json``).
 ``--trials`` sets every selected case's count (for the SIGKILL cases: kills). The cases are
-in ``benchmarks/fault_cases.py``, the subprocess machinery in ``benchmarks/fault_harness.py``.
+in ``benchmarks/fault_cases.py`` and ``fault_cases_disk.py``, the subprocess machinery in ``benchmarks/fault_harness.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from benchmarks import fault_cases as fc
+from benchmarks import fault_cases_disk as fd
 
 # name -> (function, default trials, the fault in a few words)
 CASES = {
@@ -39,8 +40,8 @@ CASES = {
     "truncate": (fc.truncate, 3, "one checkpoint file truncated"),
     "two_trainers": (fc.two_trainers, 2, "a second trainer on a running one's workdir"),
     "nan": (fc.nan, 2, "a diverging run (lr 1e30, NaN by step 2)"),
-    "prepare_overwrite": (fc.prepare_overwrite, 2, "SIGKILL during prepare --overwrite"),
-    "full_disk": (fc.full_disk, 2, "the checkpoints' disk full"),
+    "prepare_overwrite": (fd.prepare_overwrite, 2, "SIGKILL during prepare --overwrite"),
+    "full_disk": (fd.full_disk, 2, "the checkpoints' disk full"),
     "truncated_metrics": (fc.truncated_metrics, 2, "a truncated last line of metrics.jsonl"),
 }
 
