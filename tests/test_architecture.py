@@ -21,7 +21,7 @@ LAYERS = {
     ),
     "models": ("t5", "vae", "dit", "conditioning", "ldm"),
     "kernels": ("decode_cache", "decoding", "metrics"),
-    "training": ("checkpointing", "metric_writer", "trainer"),
+    "training": ("checkpoint_integrity", "checkpointing", "metric_writer", "trainer"),
     "convert": ("convert",),
     "inference": ("pretrained", "vae_inference", "sampler", "songs", "latent_dataset", "latent_tools"),
     "tasks": ("vae_task", "ldm_task"),
