@@ -162,6 +162,9 @@ def cost(config_name: str, repeats: int) -> dict:
             if step > 1:  # the first one opens files and warms caches
                 save_s.append(time.perf_counter() - start)
         store.close()
+        start = time.perf_counter()
+        assert checkpointing.step_damage(workdir, "latest", repeats + 1) is None
+        inspect_s = time.perf_counter() - start
         shutil.rmtree(workdir, ignore_errors=True)
     checksum_ms, save_ms = 1e3 * np.median(checksum_s), 1e3 * np.median(save_s)
     return {
@@ -173,6 +176,7 @@ def cost(config_name: str, repeats: int) -> dict:
         "checksum_first_call_s": round(compile_s, 2),
         "save_ms_including_checksum": round(float(save_ms), 1),
         "checksum_share_of_save": round(float(checksum_ms / save_ms), 3),
+        "file_digest_check_ms": round(1e3 * inspect_s, 1),  # read side, once per restore/load
     }
 
 

@@ -294,7 +294,7 @@ class CheckpointStore:
 
     def _restore_step(self, manager, which, step, abstract_state, data_iter):
         """``(state, progress)`` of one step after checking its files and, once read, its
-        arrays; raises _ArraysDamaged (or Orbax's error) when the step is damaged."""
+        arrays; raises StepDamaged (or Orbax's error) when the step is damaged."""
         integrity.quiet_orbax_reports()
         where = os.path.join(checkpoint_dir(self.workdir, which), str(step))
         reason, self._verified = integrity.inspect_step(where)
@@ -350,7 +350,7 @@ def _local_bytes(tree: Any) -> int:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             total += sum(s.data.nbytes for s in leaf.addressable_shards if s.replica_id == 0)
         else:
-            total += np.asarray(leaf).nbytes if not hasattr(leaf, "nbytes") else leaf.nbytes
+            total += np.asarray(leaf).nbytes if np.isscalar(leaf) else leaf.nbytes
     return int(total)
 
 

@@ -125,3 +125,23 @@ def test_tensorboard_is_told_to_purge_the_same_rows(tmp_path):
     _write_rows(tmp_path, [1, 2, 3])  # a fresh start: purge from step 1
     metric_writer.MetricWriter(tmp_path, resume_step=2).close()
     assert sorted(_session_starts(tmp_path)) == [1, 3]
+
+
+def test_a_restart_after_a_kill_before_the_first_checkpoint_has_no_duplicates(tmp_path, capsys):
+    """What a run killed at step 2 (no checkpoint yet, its last row half written) leaves,
+    then the same command again: one history, and the trainer passes resume_step=None."""
+    import toy_training as toy
+
+    from phraseldm_jax import trainer
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text(
+        '{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/loss": 8.0}\n{"step": 3, "tr'
+    )
+    config = toy.small_config(num_steps=3)
+    trainer.run(config, str(workdir), toy.make_task(), toy.make_train_iter_factory(batch_size=8))
+    rows = metric_writer.read_jsonl(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert 9.0 not in [r["train/loss"] for r in rows]
+    assert "metrics.jsonl line 3 is not a JSON row" in capsys.readouterr().err
