@@ -7,7 +7,8 @@
    trainer's resume (``CheckpointStore.restore``) and a load (``load_trained``); a trial counts
    as detected when both fall back to latest/2 with one warning line and restore its values.
    Then the same flips in the array data files with ``file_digests.json`` rewritten to match
-   (damage that happened before the write): found by the array checksums alone.
+   (damage that happened before the write): only the array checksums can tell; counted as
+   fallback / intact (the flip changed no value read) / wrong (silent corruption) / error.
 2. Cost: the train state of ``--config`` (random values, its real shapes and dtypes), the
    time of ``tree_checksums`` (jitted, on the default device) against a ``CheckpointStore``
    save of the same state (to a temporary folder, waited for), medians of ``--repeats``.
@@ -18,6 +19,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import importlib
@@ -48,22 +50,39 @@ def _toy_store(workdir):
     return state, make_iter
 
 
-def _falls_back(workdir, state, make_iter) -> bool:
+def _outcome(read, expected) -> str:
+    """``fallback`` (latest/2 used, one warning line), ``intact`` (latest/4 used, the values
+    saved), ``wrong`` (latest/4 used, other values: silent corruption) or ``error``."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            store = checkpointing.CheckpointStore(workdir)
-            restored, progress = store.restore(jax.eval_shape(lambda: state), make_iter())
-            store.close()
-            params, used = checkpointing.load_trained(workdir, "latest")
+            step, tree = read()
         except Exception:  # noqa: BLE001 - a crash is a failed trial
-            return False
-    lines = [line for line in err.getvalue().splitlines() if line.startswith("checkpoint ")]
+            return "error"
+    warnings = [line for line in err.getvalue().splitlines() if line.startswith("checkpoint ")]
+    if step == 2:
+        return "fallback" if len(warnings) == 1 else "error"
     same = all(
         np.array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state))
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(expected))
     )
-    return progress == {"step": 2} and used.step == 2 and len(lines) == 2 and same
+    return "intact" if same else "wrong"
+
+
+def _outcomes(workdir, state, make_iter) -> tuple[str, str]:
+    """What the trainer's resume and a load make of the workdir."""
+
+    def resume():
+        store = checkpointing.CheckpointStore(workdir)
+        restored, _ = store.restore(jax.eval_shape(lambda: state), make_iter())
+        store.close()
+        return store.restored.step, restored
+
+    def load():
+        params, used = checkpointing.load_trained(workdir, "latest")
+        return used.step, params
+
+    return _outcome(resume, state), _outcome(load, state.params)
 
 
 def _flip(path, rng):
@@ -86,14 +105,14 @@ def detection(flips: int) -> dict:
             for n in names
             if n != "commit_success.txt"
         )
-        per_file, arrays_only = {}, {"trials": 0, "detected": 0}
+        per_file, arrays_only = {}, collections.Counter()
         for name in files:
             path = os.path.join(root, name)
             pristine = open(path, "rb").read()
             found = 0
             for _ in range(flips):
                 _flip(path, rng)
-                found += _falls_back(workdir, state, make_iter)
+                found += _outcomes(workdir, state, make_iter) == ("fallback", "fallback")
                 open(path, "wb").write(pristine)
             per_file[name] = {"trials": flips, "detected": found}
         digests = open(os.path.join(root, checkpoint_integrity.FILE_DIGESTS), "rb").read()
@@ -104,17 +123,18 @@ def detection(flips: int) -> dict:
                 _flip(path, rng)
                 checkpoint_integrity.write_file_digests(root)
                 checkpoint_integrity.seal_step(root)
-                arrays_only["trials"] += 1
-                arrays_only["detected"] += _falls_back(workdir, state, make_iter)
+                resume, load = _outcomes(workdir, state, make_iter)
+                arrays_only[f"resume {resume}"] += 1
+                arrays_only[f"load {load}"] += 1
                 open(path, "wb").write(pristine)
                 open(os.path.join(root, checkpoint_integrity.FILE_DIGESTS), "wb").write(digests)
-    total = sum(v["trials"] for v in per_file.values())
-    found = sum(v["detected"] for v in per_file.values())
     return {
-        "trials": total,
-        "detected": found,
+        "trials": sum(v["trials"] for v in per_file.values()),
+        "detected": sum(v["detected"] for v in per_file.values()),
         "per_file": per_file,
-        "array_data_with_digests_rewritten": arrays_only,
+        # Flips in the array data files with the digests rewritten to match (damage before
+        # the write): only the checksums can tell; "intact" = the flip did not change a value.
+        "array_data_with_digests_rewritten": dict(sorted(arrays_only.items())),
     }
 
 
