@@ -18,7 +18,12 @@ from ml_collections import config_flags
 
 from phraseldm_jax import fileio, trainer, vae_task
 from phraseldm_jax.cli import common
-from phraseldm_jax.errors import CheckpointDamagedError, NonFiniteError, WorkdirBusyError
+from phraseldm_jax.errors import (
+    CheckpointDamagedError,
+    CheckpointSaveError,
+    NonFiniteError,
+    WorkdirBusyError,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/vae_stage*.py[:size]", lock_config=True)
@@ -38,7 +43,7 @@ def main(argv):
         summary = vae_task.train_and_test(FLAGS.config, workdir)
     except (CheckpointDamagedError, WorkdirBusyError) as error:  # one line, not a traceback
         raise SystemExit(common.usage_error("train_vae.py", str(error))) from None
-    except NonFiniteError as error:  # the run diverged: one line, exit 1
+    except (NonFiniteError, CheckpointSaveError) as error:  # diverged / disk full: one line, exit 1
         print(f"train_vae.py: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     if summary.get("interrupted"):  # SIGTERM / SIGINT: latest saved, exit 128 + signal

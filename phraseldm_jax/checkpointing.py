@@ -4,6 +4,7 @@ trained parameters and the config of a workdir (``load_trained``, ``read_workdir
 Layout (``<workdir>/checkpoints``)::
 
     latest/<step>/{state, data, progress}   every ckpt_every steps, the last ``keep_last`` kept
+                                            and the one saved with the lowest train loss
     best/<step>/{state, data, progress}     the step with the best eval metric so far (one)
 
 ``state`` is the train state pytree (params, opt_state, step, rng); ``data`` is the Grain
@@ -11,24 +12,34 @@ iterator state (one JSON file per process); ``progress`` is a small JSON dict th
 to resume exactly (best metric so far, early-stopping counter, last metrics).
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp*`` and renames it when complete;
-step discovery ignores those names, so an interrupted save is never restored (checked by
-SIGKILLing a process in the middle of a large save, docs/ARCHITECTURE.md; test_checkpointing
-replays what it left).
-The managers also delete such leftovers in the background when they open.
+step discovery ignores those names, so an interrupted save is never restored (docs/FAULTS.md);
+the managers delete such leftovers when they open.
 
-A finished step can still be damaged (a truncated blob, a deleted ``_METADATA``): readers
-(``find_checkpoint``, ``load_trained``) and the trainer's resume (``CheckpointStore.restore``)
-skip such steps newest-first with one warning line each, use the newest intact one and record
-what they skipped; with none intact they raise ``CheckpointDamagedError`` (one line). Every
-path goes through ``fileio.user_path`` (Orbax takes absolute paths only).
+Integrity: every save stores ``checkpoint_integrity.tree_checksums`` of the state (computed on the
+devices before the arrays leave them) in ``progress`` under ``"checksums"``, and writes
+``file_digests.json`` (SHA-256 of every file of the step) into the step before Orbax renames
+it into place. Restores and loads check the files, then the restored arrays against the
+checksums (``load_trained``: the params only). Steps written before checksums existed load
+as they are, marked ``verified=False``.
+
+A full disk stops the save before it starts (``CheckpointSaveError``, one line naming the
+directory, the space needed and free) and an error of Orbax's background write is raised as
+one line at the next save or ``wait_until_finished``; the previous checkpoint is kept.
+
+Damaged steps: readers (``find_checkpoint``, ``load_trained``) and the trainer's resume
+(``CheckpointStore.restore``) skip them newest-first, one warning line each, and use the
+newest intact one; with none intact, ``CheckpointDamagedError`` (one line). Paths go through
+``fileio.user_path`` (Orbax takes absolute paths only).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import glob
+import operator
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -37,14 +48,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from phraseldm_jax import checkpoint_integrity as integrity
 from phraseldm_jax import fileio, optim
-from phraseldm_jax.errors import CheckpointDamagedError, CheckpointMismatchError
+from phraseldm_jax.errors import (
+    CheckpointDamagedError,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+)
 
 CHECKPOINTS = "checkpoints"
+_TRAIN_LOSS = operator.itemgetter("train/loss")  # what the latest manager ranks steps by
 WHICH = ("latest", "best")
 CONFIG_JSON = "config.json"  # the resolved config of a workdir (trainer, converter)
-# Files every finished step holds; a step without them (or with them unreadable) is damaged.
-STEP_METADATA = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"))
+STEP_METADATA = integrity.STEP_METADATA  # kept for callers of this module
+SPACE_MARGIN = 1 << 20  # bytes a save needs free beyond the state's own size
 
 
 def checkpoint_dir(workdir: str, which: str = "latest") -> str:
@@ -55,52 +72,11 @@ def checkpoint_dir(workdir: str, which: str = "latest") -> str:
 
 
 def step_damage(workdir: str, which: str, step: int) -> str | None:
-    """Why the finished ``which`` step of ``workdir`` cannot be read, from its metadata files
-    (missing, unreadable, not JSON), or None when they look intact (a damaged array blob shows
-    only when it is read: see ``load_trained`` and ``CheckpointStore.restore``)."""
-    directory = os.path.join(checkpoint_dir(workdir, which), str(step))
-    for name in STEP_METADATA:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            return f"{name} missing"
-        try:
-            with open(path, "rb") as f:
-                json.loads(f.read())
-        except (OSError, ValueError) as error:
-            return f"{name} unreadable: {type(error).__name__}"
-    return None
-
-
-def _reason(error: BaseException) -> str:
-    """One line for an error of Orbax / TensorStore reading a step (their messages can run to
-    many lines)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0].split(" in OCDBT database")[0] if lines else type(error).__name__
-    if text.startswith("OUT_OF_RANGE"):  # TensorStore read past the end of a blob
-        text = "a data file is truncated: " + text
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _silence_leftover_reports() -> None:
-    """After a failed read, Orbax's unfinished reads of the same step report themselves later,
-    each with a traceback ("Event loop is closed", coroutines garbage-collected with their
-    error): dozens of lines around the one warning that already says what happened. Installed
-    before the first read (the reports can come before the error reaches us), it drops those
-    two kinds of report and only them."""
-    if getattr(sys, "_phraseldm_quiet_orbax", False):
-        return
-    sys._phraseldm_quiet_orbax = True
-    previous = sys.unraisablehook
-
-    def unraisable(report) -> None:
-        code = getattr(report.object, "cr_code", None)
-        if code is not None and "orbax" in code.co_filename:
-            return
-        if report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed":
-            return
-        previous(report)
-
-    sys.unraisablehook = unraisable
+    """Why the finished ``which`` step of ``workdir`` cannot be used (a metadata file missing
+    or not JSON, a file that differs from ``file_digests.json``), or None when its files look
+    intact (damaged array values show when they are read and checked against ``progress``'s
+    checksums: ``load_trained`` and ``CheckpointStore.restore``)."""
+    return integrity.inspect_step(os.path.join(checkpoint_dir(workdir, which), str(step)))[0]
 
 
 def warn_skipped(label: str, reason: str, using: str | None) -> None:
@@ -147,14 +123,20 @@ def _barriers_named(which: str) -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=which)
 
 
-def _train_loss(metrics: dict) -> float:
-    return float(metrics["train/loss"])
-
-
-def _lowest_train_loss() -> ocp.checkpoint_managers.BestN:
-    """Keeps the one latest step with the lowest ``train/loss`` saved with it."""
-    return ocp.checkpoint_managers.BestN(
-        get_metric_fn=_train_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False
+def _retention(which: str, keep: int) -> dict:
+    """Orbax options saying which steps a manager keeps: ``best`` its one step; ``latest``
+    the last ``keep`` and the step saved with the lowest train/loss (a run that collapses
+    without NaN keeps a good one whatever the rotation)."""
+    if which == "best":
+        return dict(max_to_keep=keep)
+    policies = ocp.checkpoint_managers
+    lowest_loss = policies.BestN(
+        get_metric_fn=_TRAIN_LOSS, reverse=True, n=1, keep_checkpoints_without_metrics=False
+    )
+    return dict(
+        preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(keep), lowest_loss]),
+        best_fn=_TRAIN_LOSS,  # makes Orbax store the metrics passed to save
+        best_mode="min",
     )
 
 
@@ -166,30 +148,35 @@ class CheckpointStore:
             raise ValueError(f"train.keep_last={keep_last} must be >= 1")
         self.workdir = fileio.user_path(workdir)
         self.restored: CheckpointUsed | None = None  # set by a restore of the newest intact
-        self.latest = ocp.CheckpointManager(
-            checkpoint_dir(self.workdir, "latest"),
+        self._verified = False  # whether the step read last carried checksums
+        self._saving: dict[str, int] = {}  # the step each manager is writing
+        self._needed: dict[str, int] = {}  # its estimated size on disk
+        self.latest, self.best = (
+            self._open(which, keep_last if which == "latest" else 1) for which in WHICH
+        )
+
+    def _open(self, which: str, max_to_keep: int) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            checkpoint_dir(self.workdir, which),
             item_handlers=_handlers(),
             options=ocp.CheckpointManagerOptions(
-                # The last keep_last, and the step saved with the lowest train/loss (a run
-                # that collapses without NaN keeps a good one whatever the rotation).
-                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
-                    [ocp.checkpoint_managers.LatestN(keep_last), _lowest_train_loss()]
+                **_retention(which, max_to_keep),
+                cleanup_tmp_directories=True,
+                multiprocessing_options=_barriers_named(which),
+                async_options=ocp.options.AsyncOptions(
+                    post_finalization_callback=lambda: self._digest_files(which)
                 ),
-                best_fn=_train_loss,  # makes Orbax store the metrics passed to save
-                best_mode="min",
-                cleanup_tmp_directories=True,
-                multiprocessing_options=_barriers_named("latest"),
             ),
         )
-        self.best = ocp.CheckpointManager(
-            checkpoint_dir(self.workdir, "best"),
-            item_handlers=_handlers(),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1,
-                cleanup_tmp_directories=True,
-                multiprocessing_options=_barriers_named("best"),
-            ),
-        )
+
+    def _digest_files(self, which: str) -> None:
+        """Orbax's callback once a step's files are written, before the rename that makes it
+        a finished step: process 0 writes the step's ``file_digests.json`` into it."""
+        if jax.process_index() != 0:
+            return
+        pattern = f"{self._saving[which]}.orbax-checkpoint-tmp*"
+        for step_dir in glob.glob(os.path.join(checkpoint_dir(self.workdir, which), pattern)):
+            integrity.write_file_digests(step_dir)
 
     def _manager(self, which: str) -> ocp.CheckpointManager:
         if which not in WHICH:
@@ -219,18 +206,72 @@ class CheckpointStore:
         ``grain.DatasetIterator`` (Grain's handler reads its state as a dict).
         """
         manager = self._manager(which)
+        integrity.quiet_orbax_reports()
+        self._finish(which)  # a failed background write of the previous step stops here
+        self._check_space(which, step, state)
         if step in manager.all_steps():
             manager.delete(step)  # a re-run of a step after resuming from an older checkpoint
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain_ckpt.CheckpointSave(data_iter),
-                progress=ocp.args.JsonSave(copy.deepcopy(progress)),
-            ),
-            metrics=metrics if which == "latest" else None,
-            force=True,
+        progress = {**copy.deepcopy(progress), integrity.CHECKSUMS: integrity.tree_checksums(state)}
+        self._saving[which] = step
+        try:
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain_ckpt.CheckpointSave(data_iter),
+                    progress=ocp.args.JsonSave(progress),
+                ),
+                metrics=metrics if which == "latest" else None,
+                force=True,
+            )
+        except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+            raise self._save_error(which, step, error) from None
+
+    def _check_space(self, which: str, step: int, state: Any) -> None:
+        """Raises CheckpointSaveError when the disk lacks room for ``state`` (its bytes on
+        this process plus SPACE_MARGIN), before Orbax starts a write that would fail."""
+        directory = checkpoint_dir(self.workdir, which)
+        os.makedirs(directory, exist_ok=True)
+        needed = self._needed[which] = _local_bytes(state) + SPACE_MARGIN
+        free = shutil.disk_usage(directory).free
+        if free < needed:
+            raise CheckpointSaveError(
+                f"cannot save checkpoint {which}/{step} in {directory}: the disk is full "
+                f"(needs about {_mib(needed)}, {_mib(free)} free); "
+                f"{self._kept(which)}"
+            )
+
+    def _kept(self, which: str) -> str:
+        steps = finished_steps(self.workdir, which)
+        return f"kept {which}/{steps[-1]}" if steps else f"no {which} checkpoint yet"
+
+    def _save_error(self, which: str, step: int, error: BaseException) -> CheckpointSaveError:
+        directory = checkpoint_dir(self.workdir, which)
+        free = _mib(shutil.disk_usage(directory).free) + " free"
+        needed = f"needs about {_mib(self._needed[which])}, " if which in self._needed else ""
+        reason = integrity.one_line_reason(error)
+        return CheckpointSaveError(
+            f"cannot save checkpoint {which}/{step} in {directory}: {reason} "
+            f"({needed}{free}); {self._kept(which)}"
         )
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError (one line) when a background write has failed by now;
+        never waits for one still running (the trainer calls it at every logging step)."""
+        for which in WHICH:
+            if not self._manager(which).is_saving_in_progress():
+                self._finish(which)
+
+    def _finish(self, which: str) -> None:
+        """Waits for ``which``'s background write (its error: one CheckpointSaveError), then
+        seals the step written (``checkpoint_integrity.seal_step``)."""
+        try:
+            self._manager(which).wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+            raise self._save_error(which, self._saving.pop(which, None), error) from None
+        step = self._saving.pop(which, None)
+        if step is not None and jax.process_index() == 0:
+            integrity.seal_step(os.path.join(checkpoint_dir(self.workdir, which), str(step)))
 
     def restore(
         self, abstract_state: Any, data_iter: Any, which: str = "latest", step: int | None = None
@@ -248,7 +289,13 @@ class CheckpointStore:
                 raise FileNotFoundError(
                     f"no {which} checkpoint at step {step} in {checkpoint_dir(self.workdir, which)}"
                 )
-            return self._restore_step(manager, which, step, abstract_state, data_iter)
+            try:
+                return self._restore_step(manager, which, step, abstract_state, data_iter)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+                skipped = [(f"{which}/{step}", integrity.one_line_reason(error))]
+                raise CheckpointDamagedError(_none_intact(self.workdir, skipped)) from None
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(
@@ -257,27 +304,30 @@ class CheckpointStore:
         skipped: list[tuple[str, str]] = []
         for index, candidate in enumerate(steps):
             label = f"{which}/{candidate}"
-            reason = step_damage(self.workdir, which, candidate)
-            if reason is None:
-                try:
-                    restored = self._restore_step(
-                        manager, which, candidate, abstract_state, data_iter
-                    )
-                except CheckpointMismatchError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
-                    reason = _reason(error)
-                else:
-                    self.restored = CheckpointUsed(which, which, candidate, tuple(skipped))
-                    return restored
+            try:
+                restored = self._restore_step(manager, which, candidate, abstract_state, data_iter)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+                reason = integrity.one_line_reason(error)
+            else:
+                self.restored = CheckpointUsed(
+                    which, which, candidate, tuple(skipped), self._verified
+                )
+                return restored
             skipped.append((label, reason))
             later = steps[index + 1 :]
             warn_skipped(label, reason, f"{which}/{later[0]}" if later else None)
         raise CheckpointDamagedError(_none_intact(self.workdir, skipped))
 
     def _restore_step(self, manager, which, step, abstract_state, data_iter):
-        _silence_leftover_reports()
+        """``(state, progress)`` of one step after checking its files and, once read, its
+        arrays; raises StepDamaged (or Orbax's error) when the step is damaged."""
+        integrity.quiet_orbax_reports()
         where = os.path.join(checkpoint_dir(self.workdir, which), str(step))
+        reason, self._verified = integrity.inspect_step(where)
+        if reason is not None:
+            raise integrity.StepDamaged(reason)
         check_matches(where, manager.item_metadata(step)["state"].tree, abstract_state)
         restored = manager.restore(
             step,
@@ -287,7 +337,10 @@ class CheckpointStore:
                 progress=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], dict(restored["progress"])
+        progress = dict(restored["progress"])
+        integrity.verify_arrays(progress, restored["state"])
+        progress.pop(integrity.CHECKSUMS, None)
+        return restored["state"], progress
 
     def drop_best_after(self, step: int) -> None:
         """Deletes best checkpoints newer than ``step`` (left by a run that is being replayed)."""
@@ -295,12 +348,42 @@ class CheckpointStore:
             self.best.delete(later)
 
     def wait_until_finished(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Waits for both managers' background writes; raises CheckpointSaveError (one
+        line) when one failed."""
+        for which in WHICH:
+            self._finish(which)
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        """Closes both managers; raises CheckpointSaveError (one line) after closing when a
+        background write failed."""
+        failure = None
+        for which in WHICH:
+            try:
+                self._finish(which)
+            except CheckpointSaveError as error:
+                failure = failure or error
+            try:
+                self._manager(which).close()
+            except Exception:  # noqa: BLE001, S110 - the failed write is reported just below
+                pass
+        if failure is not None:
+            raise failure
+
+
+def _local_bytes(tree: Any) -> int:
+    """Bytes of ``tree``'s arrays this process writes (its addressable shards, replicas
+    once)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.replica_id == 0)
+        else:
+            total += np.asarray(leaf).nbytes if np.isscalar(leaf) else leaf.nbytes
+    return int(total)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def finished_steps(workdir: str, which: str) -> list[int]:
@@ -317,12 +400,14 @@ class CheckpointUsed:
     """Which checkpoint a load asked for and which it read (they differ after a fallback).
 
     skipped: ``(("latest/300", "state/_METADATA missing"), ...)``, the damaged steps passed
-    over on the way, newest first."""
+    over on the way, newest first. verified: whether the step carried checksums (and so its
+    files and arrays were checked); False for steps written before them."""
 
     which_asked: str
     which_used: str
     step: int
     skipped: tuple[tuple[str, str], ...] = ()
+    verified: bool = True  # False: written before checksums, loaded unchecked
 
     @property
     def path(self) -> str:
@@ -340,6 +425,7 @@ class CheckpointUsed:
             "which_used": self.which_used,
             "step": self.step,
             "skipped": [{"checkpoint": label, "reason": why} for label, why in self.skipped],
+            "verified": self.verified,
         }
 
 
@@ -381,9 +467,11 @@ def find_checkpoint(
         label = f"{kind}/{candidate}"
         if label in known:
             continue
-        reason = step_damage(workdir, kind, candidate)
+        reason, verified = integrity.inspect_step(
+            os.path.join(checkpoint_dir(workdir, kind), str(candidate))
+        )
         if reason is None:
-            return CheckpointUsed(which, kind, candidate, tuple(passed))
+            return CheckpointUsed(which, kind, candidate, tuple(passed), verified)
         passed.append((label, reason))
         later = [f"{k}/{s}" for k, s in candidates[index + 1 :] if f"{k}/{s}" not in known]
         warn_skipped(label, reason, later[0] if later else None)
@@ -423,19 +511,19 @@ def load_trained(
         except CheckpointMismatchError:
             raise
         except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
-            reason = _reason(error)
+            reason = integrity.one_line_reason(error)
         skipped = (*used.skipped, (used.label, reason))
-        intact = [
+        intact = (
             f"{kind}/{s}"
             for kind, s in _candidates(workdir, which, step, exact)
             if f"{kind}/{s}" not in dict(skipped) and step_damage(workdir, kind, s) is None
-        ]
-        warn_skipped(used.label, reason, intact[0] if intact else None)
+        )
+        warn_skipped(used.label, reason, next(intact, None))
 
 
 def _restore_params(workdir: str, used: CheckpointUsed, target: Any) -> Any:
     """The params of one checkpoint step (host numpy arrays, or placed as ``target``)."""
-    _silence_leftover_reports()
+    integrity.quiet_orbax_reports()
     directory = checkpoint_dir(workdir, used.which_used)
     manager = ocp.CheckpointManager(
         directory,
@@ -460,7 +548,14 @@ def _restore_params(workdir: str, used: CheckpointUsed, target: Any) -> Any:
                 )
             ),
         )
-        return restored["state"]["params"]
+        params = restored["state"]["params"]
+        step_dir = os.path.join(directory, str(used.step))
+        integrity.verify_arrays(
+            integrity.read_json(os.path.join(step_dir, integrity.PROGRESS_JSON)),
+            params,
+            prefix="params/",
+        )
+        return params
     finally:
         manager.close()
 

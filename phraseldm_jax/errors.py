@@ -49,3 +49,9 @@ class CheckpointMismatchError(ValueError):
     @property
     def any(self) -> bool:
         return bool(self.missing or self.unexpected or self.shape_mismatches)
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, an I/O error); the message (one line)
+    names the checkpoint directory, and for a full disk the space needed and free. The
+    previous checkpoint is kept; the trainer stops rather than run on without checkpoints."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,9 +49,11 @@ def as_scalar(value: Any) -> float | None:
 class MetricWriter:
     """Writes scalars, images and text for one run; a no-op on processes other than 0.
 
-    ``resume_step``: when a run resumes from a checkpoint at this step, rows written after it
-    (by the interrupted run) are dropped from metrics.jsonl and TensorBoard is told to purge
-    them, so both show one history.
+    ``resume_step``: the step the run continues from, the restored checkpoint's, or None (or
+    0) for a run that starts afresh (no checkpoint restored). Rows after it, written by an
+    interrupted run, are dropped from metrics.jsonl (all of them for a fresh start) and
+    TensorBoard is told to purge them, so both show one history. Lines that are not JSON
+    (a write cut short by a full disk or a power loss) are dropped with one warning line.
     """
 
     def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool | None = None):
@@ -59,23 +63,28 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        if resume_step is not None:
-            self._drop_rows_after(resume_step)
+        resume_step = resume_step or 0
+        self._drop_rows_after(resume_step)
         from tensorboardX import SummaryWriter  # heavy import, only on the writing process
 
         self._tb = SummaryWriter(
             logdir=os.path.join(os.fspath(workdir), TENSORBOARD_DIR),
-            purge_step=None if resume_step is None else resume_step + 1,
+            purge_step=resume_step + 1,
+            # A restart within the same second gets its own file, sorted after the last.
+            filename_suffix=f".{time.time_ns() % 10**9:09d}",
         )
+        self._tb._get_file_writer()  # writes the purge mark now, before the first row
 
     def _drop_rows_after(self, step: int) -> None:
+        """Rewrites metrics.jsonl without rows past ``step`` and without unreadable lines."""
         if not os.path.exists(self.jsonl_path):
             return
-        with open(self.jsonl_path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            fileio.write_text(self.jsonl_path, "".join(kept))
+        with open(self.jsonl_path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        rows = _parse_lines(self.jsonl_path, text.splitlines())
+        kept = "".join(line + "\n" for line, row in rows if row.get("step", 0) <= step)
+        if kept != text:
+            fileio.write_text(self.jsonl_path, kept)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Logs every entry: numbers as scalars, image arrays as images, strings as text."""
@@ -115,6 +124,31 @@ class MetricWriter:
 
 
 def read_jsonl(workdir: str) -> list[dict]:
-    """All rows of ``<workdir>/metrics.jsonl`` (for tests, notebooks and result tables)."""
-    with open(os.path.join(os.fspath(workdir), METRICS_JSONL)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All rows of ``<workdir>/metrics.jsonl`` (for tests, notebooks and result tables);
+    lines that are not JSON objects are skipped with one warning line each."""
+    path = os.path.join(os.fspath(workdir), METRICS_JSONL)
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    return [row for _, row in _parse_lines(path, lines)]
+
+
+def _parse_lines(path: str, lines: list[str]) -> list[tuple[str, dict]]:
+    """``(line, row)`` for the lines of ``path`` that are JSON rows; every other non-blank
+    line: one warning line naming the file and the line number."""
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append((line, row))
+        else:
+            print(
+                f"{path} line {number} is not a JSON row (a write cut short?); skipped it",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows

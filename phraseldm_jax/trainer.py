@@ -44,12 +44,7 @@ from phraseldm_jax import (
     sharding,
     workdir_lock,
 )
-from phraseldm_jax.errors import NonFiniteError
-
-# The per-step flag of the step's metrics: loss, gradient norm and updated params all finite.
-# The loop reads it for every step and leaves it out of the logged means.
-FINITE = "train/finite"
-NONFINITE_POLICIES = ("stop", "skip")
+from phraseldm_jax import nonfinite_guard as guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +158,10 @@ def make_train_step(
     The step's key is ``fold_in(state.rng, state.step)`` (micro-batch i: ``fold_in(key, i)``).
     Metrics: ``train/loss``, ``train/grad_norm`` (all params, before clipping),
     ``train/param_norm`` (after the update), ``train/lr`` (of this update), the task's own and
-    ``FINITE`` (bool: loss, grad norm and param norm finite). With ``grad_accum_steps > 1``
-    gradients, loss and task metrics are means over micro-batches. ``skip_nonfinite``: a step
-    whose flag is false keeps params and optimiser state as they were (``step`` still
-    advances, so the next step sees the next batch and key).
+    ``guard.FINITE`` (bool: loss, grad norm and param norm finite). With
+    ``grad_accum_steps > 1`` gradients, loss and task metrics are means over micro-batches.
+    ``skip_nonfinite``: a step whose flag is false keeps params and optimiser state as they
+    were (``step`` still advances, so the next step sees the next batch and key).
     """
     grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
 
@@ -207,7 +202,7 @@ def make_train_step(
             "train/param_norm": param_norm,
             "train/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
             **_namespaced("train/", aux),
-            FINITE: finite,
+            guard.FINITE: finite,
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
@@ -330,64 +325,16 @@ def check_train_config(tc, task: Task) -> None:
         raise ValueError(
             "train.patience > 0 needs task.evaluate, train.eval_every > 0 and train.best_metric"
         )
-    if nonfinite_policy(tc) not in NONFINITE_POLICIES:
+    if guard.nonfinite_policy(tc) not in guard.NONFINITE_POLICIES:
         raise ValueError(f"train.nonfinite={tc.nonfinite!r}: expected 'stop' or 'skip'")
     if int(tc.get("max_skipped_steps", 10)) < 1:
         raise ValueError(f"train.max_skipped_steps={tc.max_skipped_steps} must be >= 1")
-
-
-def nonfinite_policy(tc) -> str:
-    return tc.get("nonfinite", "stop")
 
 
 def checkpoint_label(store: checkpointing.CheckpointStore) -> str | None:
     """``"latest/N"`` for the newest latest checkpoint, None when there is none."""
     step = store.latest_step()
     return None if step is None else f"latest/{step}"
-
-
-def screen_steps(rows: list[dict], first_step: int, progress: dict, tc, last_good) -> None:
-    """The non-finite guard over the fetched rows of steps ``first_step, first_step + 1, ...``.
-
-    "stop": the first non-finite step raises ``NonFiniteError``. "skip": counts skipped steps
-    into ``progress`` and raises once ``train.max_skipped_steps`` came in a row. Called for
-    every step before anything is saved, so a non-finite state never is.
-    """
-    limit = int(tc.get("max_skipped_steps", 10))
-    for step, row in enumerate(rows, start=first_step):
-        if row[FINITE]:
-            progress["skips_in_a_row"] = 0
-            continue
-        good = f"last good checkpoint {last_good}" if last_good else "no checkpoint saved yet"
-        if nonfinite_policy(tc) == "stop":
-            raise NonFiniteError(f"non-finite loss/gradients at step {step}; {good}")
-        progress["skipped_steps"] += 1
-        progress["skips_in_a_row"] += 1
-        if progress["skips_in_a_row"] >= limit:
-            raise NonFiniteError(
-                f"non-finite loss/gradients at step {step} ({limit} steps in a row skipped, "
-                f"train.max_skipped_steps={limit}); {good}"
-            )
-
-
-def window_means(rows: list[dict], count_skips: bool) -> dict[str, float]:
-    """The logged row of one window: host means over its finite steps (skipped steps do not
-    count) and, with ``count_skips``, ``train/skipped_steps`` (non-finite steps in it)."""
-    finite = [row for row in rows if row[FINITE]]
-    means = {}
-    if finite:
-        keys = [k for k in finite[0] if k != FINITE]
-        means = {k: float(np.mean([row[k] for row in finite])) for k in keys}
-    if count_skips:
-        means["train/skipped_steps"] = float(len(rows) - len(finite))
-    return means
-
-
-def mean_loss(rows: list[dict]) -> float | None:
-    """Mean train/loss of the finite rows (the lowest-loss checkpoint's measure), or None."""
-    losses = [row["train/loss"] for row in rows if row[FINITE]]
-    value = float(np.mean(losses)) if losses else math.nan
-    return value if math.isfinite(value) else None
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -487,7 +434,7 @@ def _run_locked(config, workdir, task, make_train_iter, stop) -> TrainResult:
         step_fn = None
         if not stop.agreed(sync_point=True):
             micro_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
-            skip = nonfinite_policy(tc) == "skip"
+            skip = guard.nonfinite_policy(tc) == "skip"
             jitted = jax.jit(
                 make_train_step(task, tx, lr_fn, accum, micro_sh, skip_nonfinite=skip),
                 in_shardings=(state_sh, batch_sh, frozen_sh),
@@ -550,13 +497,19 @@ def train_loop(parts: LoopParts, state: TrainState, progress: dict) -> TrainResu
             stopping = stop.agreed(sync_point=is_log or is_eval or is_ckpt)
             if is_log or is_eval or is_ckpt or stopping:  # every step screened before a save
                 rows = sharding.fetch(pending)
-                screen_steps(rows, step - len(rows) + 1, progress, tc, checkpoint_label(store))
+                guard.screen_steps(
+                    rows, step - len(rows) + 1, progress, tc, checkpoint_label(store)
+                )
                 pending, window, since_save = [], window + rows, since_save + rows
 
             if is_log:
-                train_metrics, window = window_means(window, nonfinite_policy(tc) == "skip"), []
+                train_metrics, window = (
+                    guard.window_means(window, guard.nonfinite_policy(tc) == "skip"),
+                    [],
+                )
                 writer.write(step, train_metrics)
                 writer.flush()
+                store.check_for_errors()  # a failed background checkpoint write: one line now
                 last_metrics.update(train_metrics)
                 if "train/loss" in train_metrics:
                     bar.set_postfix(loss=f"{train_metrics['train/loss']:.4g}")
@@ -574,7 +527,7 @@ def train_loop(parts: LoopParts, state: TrainState, progress: dict) -> TrainResu
 
             if is_ckpt or stopping or progress["stopped_early"]:
                 progress.update(last_metrics=dict(last_metrics), window=list(window))
-                loss = mean_loss(since_save)
+                loss = guard.mean_loss(since_save)
                 ranked = None if loss is None else {"train/loss": loss}
                 store.save("latest", step, state, parts.data_iter, progress, metrics=ranked)
                 since_save = []

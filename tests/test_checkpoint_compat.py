@@ -43,6 +43,8 @@ def test_old_checkpoints_load_with_the_same_parameters(name):
     params, used = checkpointing.load_trained(str(FIXTURES / name), "best")
     assert digests(params) == EXPECTED[name]
     assert used.which_asked == "best" and used.step >= 1
+    # Written before checksums existed: loaded as they are, marked unverified.
+    assert used.verified is False and used.as_dict()["verified"] is False
 
 
 def test_old_vae_workdir_decodes_through_the_inference_class():
@@ -77,3 +79,6 @@ def test_old_vae_workdir_resumes_training(tmp_path):
     assert result.step == 3
     assert checkpointing.finished_steps(str(workdir), "latest") == [1, 2, 3]
     assert old_step.read_bytes() == written_then
+    # The steps saved since carry checksums; the old one still loads unverified.
+    assert checkpointing.load_trained(str(workdir), "latest")[1].verified
+    assert not checkpointing.load_trained(str(workdir), "latest", step=1)[1].verified
