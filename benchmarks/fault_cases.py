@@ -515,19 +515,27 @@ NONFINITE = re.compile(
 )
 
 
+GOOD_STEPS = 10  # steps the nan case trains normally before it diverges
+
+
 @timed
 def nan(suite: Suite, trials: int) -> list[Trial]:
-    """A run that diverges (learning rate 1e30), logging every 5 steps and checkpointing every
-    step: it must stop with one line and never save a non-finite state."""
+    """A run trained normally for GOOD_STEPS steps (a checkpoint every step), then resumed with
+    learning rate 1e30, logging every 5 steps: it must stop with one line naming the last good
+    checkpoint and never save a non-finite state."""
     done = []
     for index in range(trials):
         model = suite.model(alternate(index))
         trial = Trial(model.name)
         workdir = suite.fresh(f"nan_{model.name}")
-        launch = suite.launch(
-            model, workdir, "nan", "--config.optim.lr=1e30", log_every=5, ckpt_every=1
-        )
+        keep = dict(ckpt_every=1, keep_last=3)
         try:
+            good = suite.launch(model, workdir, "nan_good", num_steps=GOOD_STEPS, **keep)
+            if good.wait(timeout=300) != 0:
+                raise fh.CaseFailure(f"the good part failed: {good.tail()}")
+            launch = suite.launch(
+                model, workdir, "nan", "--config.optim.lr=1e30", log_every=5, **keep
+            )
             rc = launch.wait(timeout=300)
         except fh.CaseFailure as error:
             done.append(Trial(model.name, [str(error)]))
@@ -542,6 +550,8 @@ def nan(suite: Suite, trials: int) -> list[Trial]:
         if bad:
             trial.problems.append(f"non-finite params saved at steps {bad}")
             trial.corrupt = True
+        if max(fh.finished_steps(workdir), default=0) != GOOD_STEPS:
+            trial.problems.append(f"checkpoints after the divergence: {saved}")
         if rc != 1:
             trial.problems.append(f"exit {rc}, expected 1")
         line = NONFINITE.search(launch.stderr())

@@ -39,7 +39,7 @@ CASES = {
     "bitflip": (fc.bitflip, 3, "one bit flipped in a checkpoint's arrays"),
     "truncate": (fc.truncate, 3, "one checkpoint file truncated"),
     "two_trainers": (fc.two_trainers, 2, "a second trainer on a running one's workdir"),
-    "nan": (fc.nan, 2, "a diverging run (lr 1e30, NaN by step 2)"),
+    "nan": (fc.nan, 2, "a run diverging after 10 good steps (lr 1e30)"),
     "prepare_overwrite": (fd.prepare_overwrite, 2, "SIGKILL during prepare --overwrite"),
     "full_disk": (fd.full_disk, 2, "the checkpoints' disk full"),
     "truncated_metrics": (fc.truncated_metrics, 2, "a truncated last line of metrics.jsonl"),
