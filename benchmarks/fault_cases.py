@@ -89,6 +89,10 @@ class Suite:
             steps, every = (24, 4) if self.fast else (40, 5)
             if name == "vae":
                 self._models[name] = fh.vae_model(steps, every)
+            elif name == "ldm_sync":  # the same run, each checkpoint complete before going on
+                ldm = self.model("ldm")
+                sync = ("--config.train.async_checkpoints=False",)
+                self._models[name] = dataclasses.replace(ldm, overrides=ldm.overrides + sync)
             else:
                 latents = fh.write_ldm_dataset(os.path.join(self.root, "latents"))
                 self._models[name] = fh.ldm_model(latents, steps, every)
@@ -252,7 +256,7 @@ def _kill_trial(model: fh.Model, kill: dict, final: Trial) -> Trial:
 
 def _sigkill_case(suite: Suite, trials: int, model_name: str, during_save: bool) -> list[Trial]:
     model = suite.model(model_name)
-    suite.reference(model_name)
+    suite.reference(model.name)  # ldm_sync trains like ldm: the same reference
     per_run = 2 if during_save else 4
     done: list[Trial] = []
     for _ in range(trials * 2):  # runs whose kills did not all land are topped up
@@ -272,6 +276,12 @@ def sigkill_vae(suite: Suite, trials: int) -> list[Trial]:
 def sigkill_ldm(suite: Suite, trials: int) -> list[Trial]:
     """SIGKILL at random steps of PhraseLDM training."""
     return _sigkill_case(suite, trials, "ldm", during_save=False)
+
+
+@timed
+def sigkill_sync_ldm(suite: Suite, trials: int) -> list[Trial]:
+    """SIGKILL at random steps of PhraseLDM training with ``train.async_checkpoints=False``."""
+    return _sigkill_case(suite, trials, "ldm_sync", during_save=False)
 
 
 @timed

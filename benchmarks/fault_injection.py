@@ -32,6 +32,7 @@ from benchmarks import fault_cases_disk as fd
 CASES = {
     "sigkill_vae": (fc.sigkill_vae, 10, "SIGKILL at a random step, PhraseVAE"),
     "sigkill_ldm": (fc.sigkill_ldm, 10, "SIGKILL at a random step, PhraseLDM"),
+    "sigkill_sync_ldm": (fc.sigkill_sync_ldm, 4, "SIGKILL at a random step, PhraseLDM, sync saves"),
     "sigkill_save_vae": (fc.sigkill_save_vae, 3, "SIGKILL during a checkpoint write, PhraseVAE"),
     "sigkill_save_ldm": (fc.sigkill_save_ldm, 3, "SIGKILL during a checkpoint write, PhraseLDM"),
     "sigterm": (fc.sigterm, 2, "SIGTERM at a random step"),

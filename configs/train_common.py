@@ -29,9 +29,11 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50  # train metrics are averaged over this many steps
     config.train.eval_every = 250  # task.evaluate every this many steps (0 = never)
     config.train.ckpt_every = 1000  # checkpoint every this many steps (and at the end)
-    config.train.keep_last = (
-        3  # latest checkpoints kept (plus the lowest-train-loss one; best apart)
-    )
+    config.train.keep_last = 3  # latest checkpoints kept (+ the lowest-train-loss one; best apart)
+    # True: checkpoint files are written in the background while training goes on (a kill then
+    # loses at most ckpt_every steps plus those run during the write); False: each save is
+    # complete on disk before the next step (at most ckpt_every steps lost).
+    config.train.async_checkpoints = True
     config.train.seed = 42  # init and per-step keys
     config.train.best_metric = "eval/loss"  # eval metric choosing the best checkpoint ("" = off)
     config.train.best_mode = "min"  # "min" | "max"

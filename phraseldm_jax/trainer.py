@@ -530,6 +530,8 @@ def train_loop(parts: LoopParts, state: TrainState, progress: dict) -> TrainResu
                 loss = guard.mean_loss(since_save)
                 ranked = None if loss is None else {"train/loss": loss}
                 store.save("latest", step, state, parts.data_iter, progress, metrics=ranked)
+                if not tc.get("async_checkpoints", True):
+                    store.wait_until_finished()
                 since_save = []
             if stopping:
                 store.wait_until_finished()  # complete on disk before the process exits

@@ -306,3 +306,29 @@ def test_second_sigint_exits_at_once(tmp_path):
     status, stderr = train_and_signal(tmp_path, 2.0, at_batch=0, signals=[signal.SIGINT] * 2)
     assert status == 130, stderr
     assert stderr[-1] == "second SIGINT: exiting at once, without saving"
+
+
+# ----------------------------------------------------------------------------------------
+# Synchronous checkpoints.
+
+
+def test_sync_checkpoints_wait_for_every_save_and_train_the_same(tmp_path, monkeypatch):
+    """``train.async_checkpoints=False``: every latest save is complete on disk before the
+    next step (a kill then loses at most ckpt_every steps); the numbers are the same."""
+    waits = []
+    original = checkpointing.CheckpointStore.wait_until_finished
+
+    def counting_wait(store):
+        waits.append(store.latest.latest_step())
+        return original(store)
+
+    monkeypatch.setattr(checkpointing.CheckpointStore, "wait_until_finished", counting_wait)
+    run_toy(tmp_path / "async")
+    async_waits = len(waits)
+    waits.clear()
+    run_toy(tmp_path / "sync", async_checkpoints=False)
+    assert waits[:2] == [4, 8]  # one wait right after each latest save (steps 4 and 8)
+    assert len(waits) >= async_waits + 2
+    got, _ = checkpointing.load_trained(tmp_path / "sync", "latest", exact=True)
+    want, _ = checkpointing.load_trained(tmp_path / "async", "latest", exact=True)
+    assert_trees_equal(got, want)
