@@ -92,8 +92,10 @@ def _tree_sums(tree: Any) -> Any:
 
 def tree_checksums(tree: Any) -> dict[str, str]:
     """``{"params/dense/kernel": "1f2e3d4c5b6a7988"}``: 16 hex digits per array leaf of
-    ``tree`` (jax arrays on any mesh, or host numpy arrays: the same values either way)."""
-    sums = _tree_sums(tree)
+    ``tree`` (jax arrays on any mesh, or host numpy arrays: the same values either way).
+    Evaluated at once even when called while a function is traced (a restore inside init)."""
+    with jax.ensure_compile_time_eval():
+        sums = _tree_sums(tree)
     leaves, _ = jax.tree_util.tree_flatten_with_path(sums)
     result = {}
     for path, value in leaves:
@@ -165,6 +167,8 @@ def inspect_step(directory: str) -> tuple[str | None, bool]:
         try:
             read_json(os.path.join(directory, name))
         except FileNotFoundError:
+            if name == PROGRESS_JSON and params_only(directory):
+                return None, False  # a converted model: params alone, no checksums
             return f"{name} missing", False
         except (OSError, ValueError) as error:
             return f"{name} unreadable: {type(error).__name__}", False
@@ -181,6 +185,12 @@ def inspect_step(directory: str) -> tuple[str | None, bool]:
     if not intact:
         return f"{FILE_DIGESTS} does not match its checksum", False
     return file_damage(directory, files), verified
+
+
+def params_only(directory: str) -> bool:
+    """Whether the step holds only a ``state`` item (what the converter writes: no iterator
+    position, no progress), as opposed to a training step that lost its progress."""
+    return not any(os.path.exists(os.path.join(directory, n)) for n in ("progress", "data"))
 
 
 def read_json(path: str) -> Any:

@@ -550,11 +550,9 @@ def _restore_params(workdir: str, used: CheckpointUsed, target: Any) -> Any:
         )
         params = restored["state"]["params"]
         step_dir = os.path.join(directory, str(used.step))
-        integrity.verify_arrays(
-            integrity.read_json(os.path.join(step_dir, integrity.PROGRESS_JSON)),
-            params,
-            prefix="params/",
-        )
+        if not integrity.params_only(step_dir):
+            progress = integrity.read_json(os.path.join(step_dir, integrity.PROGRESS_JSON))
+            integrity.verify_arrays(progress, params, prefix="params/")
         return params
     finally:
         manager.close()

@@ -20,7 +20,7 @@ from phraseldm_jax import ldm_task, optim, trainer, vae_task
 
 STEPS = 5
 LOSS_RTOL = 1e-2
-BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+BF16, F32, BOOL = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(bool)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,8 @@ def test_ldm_bf16_step_keeps_time_features_norms_softmax_stream_and_loss_float32
     assert out_dtypes(eqns, "exp") == {F32}  # softmax
     assert out_dtypes(eqns, "add", (batch, length + 1, inner)) == {F32}  # residual stream
     assert out_dtypes(eqns, "sub", (batch, length, 64)) == {F32}  # predicted - true noise
-    assert {a.dtype for a in outs} == {F32, jnp.dtype(jnp.int32), jnp.dtype(jnp.uint32)}
+    # bool: the step's all-finite flag (the non-finite guard).
+    assert {a.dtype for a in outs} == {F32, jnp.dtype(jnp.int32), jnp.dtype(jnp.uint32), BOOL}
 
 
 def test_vae_bf16_step_keeps_norms_logits_loss_and_latent_head_float32():
@@ -144,4 +145,5 @@ def test_vae_bf16_step_keeps_norms_logits_loss_and_latent_head_float32():
     logits = (batch, length, t5.vocab_size)
     assert out_dtypes(eqns, "dot_general", logits) == {F32}  # bf16 operands, float32 logits
     assert out_dtypes(eqns, "add", (batch, length, t5.d_model)) == {F32}  # residual stream
-    assert {a.dtype for a in outs} == {F32, jnp.dtype(jnp.int32), jnp.dtype(jnp.uint32)}
+    # bool: the step's all-finite flag (the non-finite guard).
+    assert {a.dtype for a in outs} == {F32, jnp.dtype(jnp.int32), jnp.dtype(jnp.uint32), BOOL}
