@@ -245,13 +245,18 @@ class CheckpointStore:
         steps = finished_steps(self.workdir, which)
         return f"kept {which}/{steps[-1]}" if steps else f"no {which} checkpoint yet"
 
-    def _save_error(self, which: str, step: int, error: BaseException) -> CheckpointSaveError:
+    def _save_error(
+        self, which: str, step: int, error: BaseException, sealing: bool = False
+    ) -> CheckpointSaveError:
+        """One line naming the step, the folder, why, and the free space left. ``sealing``:
+        the step was written whole and kept; only the digest of its commit file failed."""
         directory = checkpoint_dir(self.workdir, which)
         free = _mib(shutil.disk_usage(directory).free) + " free"
         needed = f"needs about {_mib(self._needed[which])}, " if which in self._needed else ""
         reason = integrity.one_line_reason(error)
+        what = "cannot finish" if sealing else "cannot save"
         return CheckpointSaveError(
-            f"cannot save checkpoint {which}/{step} in {directory}: {reason} "
+            f"{what} checkpoint {which}/{step} in {directory}: {reason} "
             f"({needed}{free}); {self._kept(which)}"
         )
 
@@ -271,7 +276,10 @@ class CheckpointStore:
             raise self._save_error(which, self._saving.pop(which, None), error) from None
         step = self._saving.pop(which, None)
         if step is not None and jax.process_index() == 0:
-            integrity.seal_step(os.path.join(checkpoint_dir(self.workdir, which), str(step)))
+            try:
+                integrity.seal_step(os.path.join(checkpoint_dir(self.workdir, which), str(step)))
+            except OSError as error:  # the step is whole; only its digest update failed
+                raise self._save_error(which, step, error, sealing=True) from None
 
     def restore(
         self, abstract_state: Any, data_iter: Any, which: str = "latest", step: int | None = None

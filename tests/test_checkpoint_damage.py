@@ -276,3 +276,27 @@ def test_training_stops_at_a_full_disk_and_keeps_its_checkpoint(tmp_path, monkey
             toy.small_config(num_steps=4), workdir, task, toy.make_train_iter_factory(batch_size=8)
         )
     assert checkpointing.finished_steps(workdir, "latest") == [2]
+
+
+def test_a_disk_that_fills_while_the_step_is_sealed_is_one_line_and_keeps_the_step(
+    workdir, monkeypatch
+):
+    """Orbax wrote the step whole, then the digest update of its commit file ran out of
+    space: one CheckpointSaveError line naming the folder and the free space, and the step
+    (whose earlier digests are intact) still loads."""
+    import errno
+
+    def full(step_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointing.integrity, "seal_step", full)
+    store = checkpointing.CheckpointStore(workdir)
+    with pytest.raises(CheckpointSaveError) as error:
+        store.save("latest", 6, make_state(), make_iter(), {"step": 6})
+        store.wait_until_finished()
+    store.close()
+    directory = checkpointing.checkpoint_dir(workdir, "latest")
+    message = str(error.value)
+    assert message.startswith(f"cannot finish checkpoint latest/6 in {directory}: ")
+    assert "No space left on device" in message and message.endswith(" free); kept latest/6")
+    assert checkpointing.step_damage(workdir, "latest", 6) is None

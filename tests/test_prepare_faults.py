@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -195,8 +196,15 @@ def test_verify_clean_and_damaged(old_set, tmp_path, capsys):
     _flip(data_dir / PHRASES_TRAIN, 3000)
     assert cli_prepare.main(["--verify", "--data_dir", str(data_dir)]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"{data_dir / PHRASES_TRAIN}: 1 of ")
-    assert "records damaged (records " in lines[0] and "chunk data hash mismatch" in lines[0]
+    # ArrayRecord hashes whole chunks: every record of the flipped chunk is named, and only those
+    damaged = re.match(
+        rf"{re.escape(str(data_dir / PHRASES_TRAIN))}: (\d+) of \d+ records damaged "
+        rf"\(records? (\d+)(?:-(\d+))? of split 'train'; chunk data hash mismatch",
+        lines[0],
+    )
+    assert damaged, lines[0]
+    count, first, last = int(damaged[1]), int(damaged[2]), int(damaged[3] or damaged[2])
+    assert count == last - first + 1 >= 1
     assert lines[1].endswith("1 problem(s)") and "--overwrite" in lines[2]
 
 
@@ -229,7 +237,8 @@ def test_a_damaged_record_read_in_training_names_file_and_record(old_set, tmp_pa
     _flip(data_dir / PHRASES_TRAIN, 3000)
     source = tfds_builders.open_source(str(data_dir), "phrases", "train")
     bad = [i for i in range(len(source)) if _fails(source, i)]
-    assert len(bad) == 1 and source.shard_of(bad[0]) == (str(data_dir / PHRASES_TRAIN), bad[0])
+    assert bad and bad == list(range(bad[0], bad[-1] + 1))  # one chunk: a run of records
+    assert source.shard_of(bad[0]) == (str(data_dir / PHRASES_TRAIN), bad[0])
     expected = (
         f"{data_dir / PHRASES_TRAIN}: record {bad[0]} of split 'train' is damaged (chunk data "
         f"hash mismatch, chunk at "
