@@ -4,6 +4,12 @@ training reference (``tests/torch_training_reference.py``) on the same weights a
   python -m benchmarks.train_parity                  # small sizes, 50 steps, all six cases
   python -m benchmarks.train_parity --sizes paper    # the paper's model sizes
   python -m benchmarks.train_parity --cases vae_stage3,ldm_seccond --steps 20
+  python -m benchmarks.train_parity --statistical --seeds 3 --steps 500   # dropout on, seeds
+
+``--statistical`` (``benchmarks/train_parity_stats.py``) runs each side several times with
+dropout on and its own randomness, and compares our loss curve with the original's seed
+spread (default cases vae_stage3, ldm_lencond; JSON ``train_parity_statistical.json`` and
+the plot ``docs/train_parity_statistical.png``).
 
 Cases: PhraseVAE stages 1-3 and the unconditional, length- and section-conditioned PhraseLDM.
 Both sides start from our fresh init, moved to torch by the converter
@@ -500,7 +506,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_parity", description=__doc__)
     p.add_argument("--sizes", default="small", choices=SIZES, help="model sizes")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated, of " + str(CASES))
-    p.add_argument("--steps", type=int, default=50, help="training steps per case")
+    p.add_argument("--steps", type=int, help="training steps per case (50; statistical 500)")
     p.add_argument("--every", type=int, default=10, help="compare parameters every N steps")
     p.add_argument("--vae_batch", type=int, default=32, help="PhraseVAE batch size")
     p.add_argument("--ldm_batch", type=int, default=4, help="PhraseLDM batch size")
@@ -508,7 +514,18 @@ def parse_args(argv):
     p.add_argument("--pop909", default="", help="raw POP909 folder (default: configs/paths.py)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--out", default="", help="JSON path")
+    p.add_argument("--statistical", action="store_true", help="seeds with dropout on, spread")
+    p.add_argument("--seeds", type=int, default=3, help="statistical: runs per side")
+    p.add_argument("--window", type=int, default=25, help="statistical: moving-mean steps")
+    p.add_argument("--init_seed", type=int, default=0, help="statistical: the shared init")
+    p.add_argument("--plot", default="", help="statistical: PNG path")
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 500 if args.statistical else 50
+    if args.statistical and args.cases == ",".join(CASES):
+        args.cases = "vae_stage3,ldm_lencond"
+    if args.statistical and (args.seeds < 2 or not 1 <= args.window <= args.steps):
+        p.error("--statistical needs --seeds >= 2 and 1 <= --window <= --steps")
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -520,6 +537,12 @@ def parse_args(argv):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, cases = parse_args(argv)
+    if args.statistical:
+        from benchmarks import train_parity_stats
+
+        return train_parity_stats.main_statistical(
+            args, cases, sys.argv[1:] if argv is None else argv
+        )
     common.set_torch_threads(args.threads)
     songs, source = load_songs(args.pop909 or default_pop909_root(), args.songs)
     print(f"data: {len(songs)} songs from {source}", file=sys.stderr)
