@@ -315,60 +315,95 @@ def table(results: Mapping[str, Mapping]) -> str:
 
 
 def plot(results: Mapping[str, Mapping], window: int, path: str) -> None:
-    """Per case: the smoothed curves (torch's min-max envelope and mean, every seed of both
-    sides thin, our mean), and below our mean's signed distance in torch-std units."""
+    """Per case, three panels over the smoothed curves: both sides' means (the loss falls
+    too far for the spread to show); every seed's deviation from torch's mean with torch's
+    min-max envelope; our mean's distance from torch's in units of torch's std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(
-        2, len(results), figsize=(6 * len(results), 6.5), squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1.3]},
+        3, len(results), figsize=(6 * len(results), 9), squeeze=False,
+        gridspec_kw={"height_ratios": [1.3, 2.2, 1.1]}, sharex="col",
     )  # fmt: skip
     for col, (case, r) in enumerate(results.items()):
         ours = moving_mean(np.asarray(r["ours"]), window)
         theirs = moving_mean(np.asarray(r["torch"]), window)
         x = np.arange(window, window + ours.shape[1])
-        top, bottom = axes[0, col], axes[1, col]
-        top.fill_between(x, theirs.min(0), theirs.max(0), color="tab:orange", alpha=0.25,
-                         label="torch min-max over seeds")  # fmt: skip
-        for curve in theirs:
-            top.plot(x, curve, color="tab:orange", lw=0.5, alpha=0.6)
-        for curve in ours:
-            top.plot(x, curve, color="tab:blue", lw=0.5, alpha=0.6, ls="--")
-        top.plot(x, theirs.mean(0), color="tab:orange", lw=1.6, label="torch mean")
-        top.plot(x, ours.mean(0), color="tab:blue", lw=1.6, label="ours mean")
+        center = theirs.mean(0)
+        curves, spread, distance = axes[0, col], axes[1, col], axes[2, col]
+        curves.plot(x, center, color="tab:orange", lw=1.4, label="torch mean")
+        curves.plot(x, ours.mean(0), color="tab:blue", lw=1.0, ls="--", label="ours mean")
+        curves.set_yscale("log")
+        curves.set_ylabel(f"loss ({window}-step mean)")
+        curves.legend(fontsize=8)
         report = r["ours_vs_torch"]
-        top.set_title(
+        curves.set_title(
             f"{case} ({r['size']}, batch {r['batch_size']}, {len(r['ours'])}+{len(r['torch'])}"
             f" seeds)\ninside envelope {100 * report['inside_envelope_share']:.0f}%, distance"
             f" mean {report['distance_mean_std']:.2f} / max {report['distance_max_std']:.2f} std"
         )
-        top.set_ylabel(f"training loss ({window}-step moving mean)")
-        top.set_yscale("log")
-        top.legend(fontsize=8)
+        spread.fill_between(x, theirs.min(0) - center, theirs.max(0) - center,
+                            color="tab:orange", alpha=0.25, label="torch min-max")  # fmt: skip
+        for i, curve in enumerate(theirs):
+            spread.plot(x, curve - center, color="tab:orange", lw=0.6,
+                        label="torch seeds" if i == 0 else None)  # fmt: skip
+        for i, curve in enumerate(ours):
+            spread.plot(x, curve - center, color="tab:blue", lw=0.6, ls="--", alpha=0.7,
+                        label="our seeds" if i == 0 else None)  # fmt: skip
+        spread.plot(x, ours.mean(0) - center, color="tab:blue", lw=1.6, label="ours mean")
+        spread.axhline(0, color="k", lw=0.5)
+        spread.set_ylabel("loss - torch mean")
+        spread.legend(fontsize=8, ncol=2)
         std = np.maximum(theirs.std(0, ddof=1), 1e-12)
-        bottom.axhspan(-1, 1, color="tab:orange", alpha=0.15)
-        bottom.plot(x, (ours.mean(0) - theirs.mean(0)) / std, color="tab:blue", lw=1)
-        bottom.axhline(0, color="k", lw=0.5)
-        bottom.set_ylabel("(ours - torch) / torch std")
-        bottom.set_xlabel("step")
+        distance.axhspan(-1, 1, color="tab:orange", alpha=0.15)
+        distance.plot(x, (ours.mean(0) - center) / std, color="tab:blue", lw=1)
+        distance.axhline(0, color="k", lw=0.5)
+        distance.set_ylabel("(ours - torch) / torch std")
+        distance.set_xlabel("step")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main_statistical(args, cases: Sequence[str], argv) -> int:
-    """``--statistical``: every case's curves, the table, the JSON and the plot."""
-    common.set_torch_threads(args.threads)
-    songs, source = tp.load_songs(args.pop909 or tp.default_pop909_root(), args.songs)
-    print(f"data: {len(songs)} songs from {source}", file=sys.stderr)
+def _default_paths(args) -> tuple[str, str]:
+    """(JSON, PNG): ``--out`` / ``--plot`` or the repository's result and docs paths."""
     out = args.out or os.path.join(
         common.REPO_ROOT, "benchmarks", "results", "train_parity_statistical.json"
     )
     png = args.plot or os.path.join(common.REPO_ROOT, "docs", "train_parity_statistical.png")
+    return out, png
+
+
+def replot(args) -> int:
+    """The table and the plot of a finished run's JSON; exits 2 with one line if unreadable."""
+    import json
+
+    out, png = _default_paths(args)
+    try:
+        with open(out) as f:
+            saved = json.load(f)
+        results, window = saved["cases"], int(saved["window"])
+    except (OSError, ValueError, KeyError) as e:
+        print(f"--replot: cannot read the statistical results {out}: {e}", file=sys.stderr)
+        return 2
+    plot(results, window, png)
+    print(table(results))
+    print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
+def main_statistical(args, cases: Sequence[str], argv) -> int:
+    """``--statistical``: every case's curves, the table, the JSON and the plot
+    (``--replot``: the table and the plot of the JSON's curves, nothing run)."""
+    if args.replot:
+        return replot(args)
+    common.set_torch_threads(args.threads)
+    songs, source = tp.load_songs(args.pop909 or tp.default_pop909_root(), args.songs)
+    print(f"data: {len(songs)} songs from {source}", file=sys.stderr)
+    out, png = _default_paths(args)
     results = {}
     start = time.perf_counter()
     for case in cases:

@@ -64,3 +64,23 @@ def test_statistical_flags_default_to_500_steps_and_two_cases():
     with pytest.raises(SystemExit) as exit_info:
         train_parity.parse_args(["--statistical", "--seeds", "1"])
     assert exit_info.value.code == 2
+
+
+def test_replot_draws_a_saved_run_and_names_an_unreadable_file(tmp_path, capsys):
+    import json
+
+    rng = np.random.default_rng(0)
+    curves = (5 + rng.standard_normal((2, 3, 40)) * 0.1).tolist()
+    case = {"ours": curves[0], "torch": curves[1], "size": "tiny", "batch_size": 2}
+    case["ours_vs_torch"] = stats.spread_report(np.array(curves[0]), np.array(curves[1]), 5)
+    case["torch_vs_ours"] = stats.spread_report(np.array(curves[1]), np.array(curves[0]), 5)
+    case["expected_distance_std"] = stats.expected_distance_std(3, 3)
+    saved, png = tmp_path / "stats.json", tmp_path / "stats.png"
+    saved.write_text(json.dumps({"window": 5, "cases": {"vae_stage3": case}}))
+    flags = ["--statistical", "--replot", "--out", str(saved), "--plot", str(png)]
+    assert train_parity.main(flags) == 0
+    assert png.stat().st_size > 10_000
+    assert "| vae_stage3 | 3/3 |" in capsys.readouterr().out
+    missing = tmp_path / "missing.json"
+    assert train_parity.main(["--statistical", "--replot", "--out", str(missing)]) == 2
+    assert f"cannot read the statistical results {missing}" in capsys.readouterr().err
