@@ -519,7 +519,7 @@ def parse_args(argv):
     p.add_argument("--window", type=int, default=25, help="statistical: moving-mean steps")
     p.add_argument("--init_seed", type=int, default=0, help="statistical: the shared init")
     p.add_argument("--plot", default="", help="statistical: PNG path")
-    p.add_argument("--replot", action="store_true", help="statistical: redraw from --out's JSON")
+    p.add_argument("--replot", action="store_true", help="statistical: reanalyse --out's curves")
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 500 if args.statistical else 50

@@ -15,6 +15,7 @@ training-noise spread. Curves are smoothed with a trailing moving mean (``--wind
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -88,10 +89,40 @@ def spread_report(ours: np.ndarray, reference: np.ndarray, window: int) -> dict:
     }
 
 
-def expected_distance_std(seeds_ours: int, seeds_reference: int) -> float:
-    """E|mean_a - mean_b| / sigma for two means of independent runs with one spread sigma:
-    sqrt(2 / pi) * sqrt(1 / a + 1 / b) (what equal distributions give, for scale)."""
-    return float(np.sqrt(2 / np.pi) * np.sqrt(1 / seeds_ours + 1 / seeds_reference))
+def equal_runs_expectations(seeds_ours: int, seeds_reference: int, draws: int = 200_000) -> dict:
+    """What ``spread_report``'s numbers average to if both sides' runs were draws of one
+    distribution (a point's smoothed losses iid normal): the scale to read them against.
+
+    |mean_a - mean_b| has mean sigma sqrt(2 / pi) sqrt(1 / a + 1 / b); it is independent of
+    the reference's sample std s (normal samples), so ``distance_mean_std`` averages that
+    times E[sigma / s] (infinite below 3 reference seeds) and ``distance_mean_over_std_mean``
+    that over E[s / sigma]; ``inside_envelope_share`` by simulation (``draws``, seed 0)."""
+    k = seeds_reference - 1
+    abs_diff = np.sqrt(2 / np.pi) * np.sqrt(1 / seeds_ours + 1 / seeds_reference)
+    mean_s = np.sqrt(2 / k) * np.exp(math.lgamma((k + 1) / 2) - math.lgamma(k / 2))
+    inv_s = (
+        np.sqrt(k / 2) * np.exp(math.lgamma((k - 1) / 2) - math.lgamma(k / 2)) if k >= 2 else np.inf
+    )
+    rng = np.random.default_rng(0)
+    ours = rng.standard_normal((draws, seeds_ours)).mean(1)
+    ref = rng.standard_normal((draws, seeds_reference))
+    inside = (ours >= ref.min(1)) & (ours <= ref.max(1))
+    return {
+        "distance_mean_std": float(abs_diff * inv_s),
+        "distance_mean_over_std_mean": float(abs_diff / mean_s),
+        "inside_envelope_share": float(inside.mean()),
+    }
+
+
+def analyse(result: dict, window: int) -> dict:
+    """``result`` (a case's ``ours`` / ``torch`` curves) with its ``spread_report`` (torch as
+    the reference), the same with the sides swapped, and the equal-runs expectations."""
+    ours, theirs = np.asarray(result["ours"]), np.asarray(result["torch"])
+    result["ours_vs_torch"] = spread_report(ours, theirs, window)
+    result["torch_vs_ours"] = spread_report(theirs, ours, window)
+    result["equal_runs"] = equal_runs_expectations(len(ours), len(theirs))
+    result.pop("expected_distance_std", None)  # an earlier name
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +305,7 @@ def ldm_case(variant, size, songs, *, batch_size, steps, seeds, init_seed, data_
 
 
 def run_statistical_case(case: str, songs, args) -> dict:
-    """Both sides' curves of ``case`` and their ``spread_report`` (torch as the reference),
-    plus the same report with the sides swapped (what equal distributions look like)."""
+    """Both sides' curves of ``case``, ``analyse``d."""
     seeds = list(range(args.seeds))
     common_args = dict(steps=args.steps, seeds=seeds, init_seed=args.init_seed, data_seed=0)
     if case.startswith("vae_stage"):
@@ -284,31 +314,32 @@ def run_statistical_case(case: str, songs, args) -> dict:
         )
     else:
         result = ldm_case(case, args.sizes, songs, batch_size=args.ldm_batch, **common_args)
-    ours, theirs = np.asarray(result["ours"]), np.asarray(result["torch"])
-    result["ours_vs_torch"] = spread_report(ours, theirs, args.window)
-    result["torch_vs_ours"] = spread_report(theirs, ours, args.window)
-    result["expected_distance_std"] = expected_distance_std(len(ours), len(theirs))
+    analyse(result, args.window)
     result.update(size=args.sizes, steps=args.steps, seeds=seeds)
     result["batch_size"] = args.vae_batch if case.startswith("vae") else args.ldm_batch
     return result
 
 
 def table(results: Mapping[str, Mapping]) -> str:
+    """One row per case; "(equal: x)" is what equal distributions would average to."""
     header = [
-        "case", "seeds (ours/torch)", "torch std (mean, min-max)", "torch envelope width",
-        "our distance max (std)", "our distance mean (std)", "expected mean (std)",
-        "inside torch envelope", "swapped: distance mean / inside", "final loss ours / torch",
+        "case", "seeds (ours/torch)", "torch std: mean (min-max)", "torch envelope width",
+        "distance / point's std: mean, max", "distance / mean std", "inside torch envelope",
+        "signed (std)", "swapped sides: distance / mean std, inside", "final loss ours / torch",
     ]  # fmt: skip
     rows = []
     for case, r in results.items():
         a, b = r["ours_vs_torch"], r["torch_vs_ours"]
+        e = equal_runs_expectations(a["seeds"]["ours"], a["seeds"]["reference"])
         rows.append([
             case, f"{a['seeds']['ours']}/{a['seeds']['reference']}",
             f"{a['reference_std_mean']:.4f} ({a['reference_std_min']:.4f}-{a['reference_std_max']:.4f})",
-            f"{a['reference_envelope_width_mean']:.4f}", f"{a['distance_max_std']:.2f}",
-            f"{a['distance_mean_std']:.2f}", f"{r['expected_distance_std']:.2f}",
-            f"{100 * a['inside_envelope_share']:.1f}%",
-            f"{b['distance_mean_std']:.2f} / {100 * b['inside_envelope_share']:.1f}%",
+            f"{a['reference_envelope_width_mean']:.4f}",
+            f"{a['distance_mean_std']:.2f} (equal: {e['distance_mean_std']:.2f}), {a['distance_max_std']:.1f}",
+            f"{a['distance_mean_over_std_mean']:.2f} (equal: {e['distance_mean_over_std_mean']:.2f})",
+            f"{100 * a['inside_envelope_share']:.0f}% (equal: {100 * e['inside_envelope_share']:.0f}%)",
+            f"{a['signed_mean_std']:+.2f}",
+            f"{b['distance_mean_over_std_mean']:.2f}, {100 * b['inside_envelope_share']:.0f}%",
             f"{a['final']['ours_mean']:.4f} / {a['final']['reference_mean']:.4f}",
         ])  # fmt: skip
     return common.markdown_table(header, rows)
@@ -360,6 +391,7 @@ def plot(results: Mapping[str, Mapping], window: int, path: str) -> None:
         distance.axhspan(-1, 1, color="tab:orange", alpha=0.15)
         distance.plot(x, (ours.mean(0) - center) / std, color="tab:blue", lw=1)
         distance.axhline(0, color="k", lw=0.5)
+        distance.set_ylim(-6, 6)  # points where 3 seeds happen to agree spike far beyond
         distance.set_ylabel("(ours - torch) / torch std")
         distance.set_xlabel("step")
     fig.tight_layout()
@@ -378,7 +410,8 @@ def _default_paths(args) -> tuple[str, str]:
 
 
 def replot(args) -> int:
-    """The table and the plot of a finished run's JSON; exits 2 with one line if unreadable."""
+    """A finished run's statistics recomputed from its JSON's curves (written back), its
+    table and its plot; exits 2 with one line if the JSON is unreadable."""
     import json
 
     out, png = _default_paths(args)
@@ -386,9 +419,12 @@ def replot(args) -> int:
         with open(out) as f:
             saved = json.load(f)
         results, window = saved["cases"], int(saved["window"])
+        for result in results.values():
+            analyse(result, window)
     except (OSError, ValueError, KeyError) as e:
         print(f"--replot: cannot read the statistical results {out}: {e}", file=sys.stderr)
         return 2
+    common.write_json(out, saved)
     plot(results, window, png)
     print(table(results))
     print(f"wrote {png}", file=sys.stderr)

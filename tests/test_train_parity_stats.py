@@ -47,12 +47,24 @@ def test_spread_report_measures_distance_in_reference_stds_and_envelope_share():
         stats.spread_report(ours, reference[:1], window=1)
 
 
-def test_expected_distance_matches_equal_distributions():
+def test_equal_runs_expectations_match_simulated_equal_distributions():
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((200_000, 3)).mean(1)
-    b = rng.standard_normal((200_000, 4)).mean(1)
-    expected = stats.expected_distance_std(3, 4)
-    assert np.mean(np.abs(a - b)) == pytest.approx(expected, rel=0.01)
+    ours = rng.standard_normal((400_000, 3)).mean(1)
+    reference = rng.standard_normal((400_000, 4))
+    distance = np.abs(ours - reference.mean(1))
+    std = reference.std(1, ddof=1)
+    expected = stats.equal_runs_expectations(3, 4)
+    assert np.mean(distance / std) == pytest.approx(expected["distance_mean_std"], rel=0.02)
+    assert np.mean(distance) / np.mean(std) == pytest.approx(
+        expected["distance_mean_over_std_mean"], rel=0.01
+    )
+    inside = (ours >= reference.min(1)) & (ours <= reference.max(1))
+    assert np.mean(inside) == pytest.approx(expected["inside_envelope_share"], abs=0.005)
+    # One run against 3: inside their range with probability (n - 1) / (n + 1) = 1/2.
+    assert stats.equal_runs_expectations(1, 3)["inside_envelope_share"] == pytest.approx(
+        0.5, abs=0.005
+    )
+    assert stats.equal_runs_expectations(3, 2)["distance_mean_std"] == float("inf")
 
 
 def test_statistical_flags_default_to_500_steps_and_two_cases():
@@ -66,21 +78,23 @@ def test_statistical_flags_default_to_500_steps_and_two_cases():
     assert exit_info.value.code == 2
 
 
-def test_replot_draws_a_saved_run_and_names_an_unreadable_file(tmp_path, capsys):
+def test_replot_reanalyses_a_saved_run_and_names_an_unreadable_file(tmp_path, capsys):
     import json
 
     rng = np.random.default_rng(0)
     curves = (5 + rng.standard_normal((2, 3, 40)) * 0.1).tolist()
     case = {"ours": curves[0], "torch": curves[1], "size": "tiny", "batch_size": 2}
-    case["ours_vs_torch"] = stats.spread_report(np.array(curves[0]), np.array(curves[1]), 5)
-    case["torch_vs_ours"] = stats.spread_report(np.array(curves[1]), np.array(curves[0]), 5)
-    case["expected_distance_std"] = stats.expected_distance_std(3, 3)
     saved, png = tmp_path / "stats.json", tmp_path / "stats.png"
     saved.write_text(json.dumps({"window": 5, "cases": {"vae_stage3": case}}))
     flags = ["--statistical", "--replot", "--out", str(saved), "--plot", str(png)]
     assert train_parity.main(flags) == 0
     assert png.stat().st_size > 10_000
     assert "| vae_stage3 | 3/3 |" in capsys.readouterr().out
+    reanalysed = json.loads(saved.read_text())["cases"]["vae_stage3"]
+    assert (
+        reanalysed["ours_vs_torch"]["window"] == 5 and reanalysed["ours_vs_torch"]["points"] == 36
+    )
+    assert reanalysed["equal_runs"] == stats.equal_runs_expectations(3, 3)
     missing = tmp_path / "missing.json"
     assert train_parity.main(["--statistical", "--replot", "--out", str(missing)]) == 2
     assert f"cannot read the statistical results {missing}" in capsys.readouterr().err
