@@ -4,6 +4,12 @@ training reference (``tests/torch_training_reference.py``) on the same weights a
   python -m benchmarks.train_parity                  # small sizes, 50 steps, all six cases
   python -m benchmarks.train_parity --sizes paper    # the paper's model sizes
   python -m benchmarks.train_parity --cases vae_stage3,ldm_seccond --steps 20
+  python -m benchmarks.train_parity --statistical --seeds 3 --steps 500   # dropout on, seeds
+
+``--statistical`` (``benchmarks/train_parity_stats.py``) runs each side several times with
+dropout on and its own randomness, and compares our loss curve with the original's seed
+spread (default cases vae_stage3, ldm_lencond; JSON ``train_parity_statistical.json`` and
+the plot ``docs/train_parity_statistical.png``).
 
 Cases: PhraseVAE stages 1-3 and the unconditional, length- and section-conditioned PhraseLDM.
 Both sides start from our fresh init, moved to torch by the converter
@@ -31,6 +37,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -237,21 +244,20 @@ def _torch_state_dict(state_dict: Mapping[str, np.ndarray]):
     return {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()}
 
 
-def vae_sides(stage: int, size: str, songs, batch_size: int, seed: int) -> Sides:
-    """PhraseVAE stage ``stage``: the paper recipe's optimiser and KL weight, ``size``'s T5."""
-    import torch
-
+def vae_setup(stage: int, size: str, seed: int, dropout_rate: float = 0.0) -> SimpleNamespace:
+    """Both PhraseVAE sides before training: the paper recipe's config (optimiser, KL weight)
+    with ``size``'s T5 at ``dropout_rate``, our init params (``seed``), the torch model holding
+    the same weights (eval mode; its T5 dropout is the original's 0.1, active in ``train()``)
+    and ``to_torch`` (our params -> its state dict)."""
     from configs import vae_common
-    from input_pipeline import records, vae_pipeline
-    from input_pipeline.span_infill import example_rng
-    from phraseldm_jax import optim, trainer, vae_task
     from phraseldm_jax import vae as vae_lib
+    from phraseldm_jax import vae_task
     from phraseldm_jax.convert import vae_weights
 
     _, ttr, _ = _modules()
     config = vae_common.vae_config(stage)
     config.model = vae_common.vae_config(stage, "" if size == "paper" else size).model
-    config.model.t5.dropout_rate = 0.0
+    config.model.t5.dropout_rate = dropout_rate
     model_cfg = vae_task.model_config(config)
     params = jax.device_get(vae_lib.init_params(init_key(seed), model_cfg))
     c = model_cfg.t5
@@ -268,6 +274,25 @@ def vae_sides(stage: int, size: str, songs, batch_size: int, seed: int) -> Sides
         return vae_weights.vae_state_dict_from_params(tree, model_cfg, prefix="")
 
     torch_model.load_state_dict(_torch_state_dict(to_torch(params)), strict=True)
+    return SimpleNamespace(
+        config=config, model_cfg=model_cfg, params=params, torch_model=torch_model,
+        to_torch=to_torch,
+    )  # fmt: skip
+
+
+def vae_sides(stage: int, size: str, songs, batch_size: int, seed: int) -> Sides:
+    """PhraseVAE stage ``stage``: the paper recipe's optimiser and KL weight, ``size``'s T5."""
+    import torch
+
+    from input_pipeline import records, vae_pipeline
+    from input_pipeline.span_infill import example_rng
+    from phraseldm_jax import optim, trainer, vae_task
+    from phraseldm_jax import vae as vae_lib
+
+    _, ttr, _ = _modules()
+    setup = vae_setup(stage, size, seed)
+    config, model_cfg, params = setup.config, setup.model_cfg, setup.params
+    torch_model, to_torch = setup.torch_model, setup.to_torch
     trainer_t = ttr.Trainer(torch_model, ttr.vae_optimizer(stage, torch_model))
 
     model = vae_lib.PhraseVAE(model_cfg)
@@ -325,16 +350,16 @@ def _vae_batch_diff(ours: Mapping[str, np.ndarray], theirs: Mapping[str, Any]) -
     return float(bad)
 
 
-def ldm_sides(variant: str, size: str, songs, batch_size: int, seed: int) -> Sides:
-    """PhraseLDM ``variant`` with the compatibility switches (``COMPAT_SWITCHES["ldm"]``)."""
-    import torch
-
+def ldm_setup(variant: str, size: str, songs, seed: int) -> SimpleNamespace:
+    """Both PhraseLDM sides before training, with the compatibility switches
+    (``COMPAT_SWITCHES["ldm"]``): the config (the paper's optimiser, ``size``'s DiT), our init
+    params (``seed``), the songs' latents (a fixed random vector per distinct phrase), their
+    stats, the torch model holding the same weights (eval mode) and ``to_torch``."""
     from configs import ldm_common
-    from input_pipeline import ldm_pipeline
-    from phraseldm_jax import ldm, ldm_task, optim, phrases, sections, trainer
+    from phraseldm_jax import ldm, ldm_task, phrases, sections
     from phraseldm_jax.convert import ldm_weights
 
-    ref, ttr, fixtures = _modules()
+    ref, _, fixtures = _modules()
     length_control, sec_control = LDM_VARIANTS[variant]
     config = ldm_common.ldm_config(length_control, sec_control, "" if size == "paper" else size)
     config.optim = ldm_common.ldm_config(length_control, sec_control).optim
@@ -369,6 +394,23 @@ def ldm_sides(variant: str, size: str, songs, batch_size: int, seed: int) -> Sid
 
     torch_model.load_state_dict(_torch_state_dict(to_torch(params)), strict=True)
     torch_model.eval()
+    return SimpleNamespace(
+        config=config, cfg=cfg, params=params, latent_songs=latent_songs, stats=stats,
+        torch_model=torch_model, to_torch=to_torch,
+    )  # fmt: skip
+
+
+def ldm_sides(variant: str, size: str, songs, batch_size: int, seed: int) -> Sides:
+    """PhraseLDM ``variant`` with the compatibility switches (``COMPAT_SWITCHES["ldm"]``)."""
+    import torch
+
+    from input_pipeline import ldm_pipeline
+    from phraseldm_jax import ldm_task, optim, trainer
+
+    _, ttr, _ = _modules()
+    setup = ldm_setup(variant, size, songs, seed)
+    config, cfg, params, stats = setup.config, setup.cfg, setup.params, setup.stats
+    latent_songs, torch_model, to_torch = setup.latent_songs, setup.torch_model, setup.to_torch
     trainer_t = ttr.Trainer(torch_model, ttr.ldm_optimizer(torch_model), ttr.LDM_CLIP)
 
     def loss_fn(params, frozen, batch, rng, train):
@@ -464,7 +506,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_parity", description=__doc__)
     p.add_argument("--sizes", default="small", choices=SIZES, help="model sizes")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated, of " + str(CASES))
-    p.add_argument("--steps", type=int, default=50, help="training steps per case")
+    p.add_argument("--steps", type=int, help="training steps per case (50; statistical 500)")
     p.add_argument("--every", type=int, default=10, help="compare parameters every N steps")
     p.add_argument("--vae_batch", type=int, default=32, help="PhraseVAE batch size")
     p.add_argument("--ldm_batch", type=int, default=4, help="PhraseLDM batch size")
@@ -472,7 +514,19 @@ def parse_args(argv):
     p.add_argument("--pop909", default="", help="raw POP909 folder (default: configs/paths.py)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--out", default="", help="JSON path")
+    p.add_argument("--statistical", action="store_true", help="seeds with dropout on, spread")
+    p.add_argument("--seeds", type=int, default=3, help="statistical: runs per side")
+    p.add_argument("--window", type=int, default=25, help="statistical: moving-mean steps")
+    p.add_argument("--init_seed", type=int, default=0, help="statistical: the shared init")
+    p.add_argument("--plot", default="", help="statistical: PNG path")
+    p.add_argument("--replot", action="store_true", help="statistical: reanalyse --out's curves")
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 500 if args.statistical else 50
+    if args.statistical and args.cases == ",".join(CASES):
+        args.cases = "vae_stage3,ldm_lencond"
+    if args.statistical and (args.seeds < 2 or not 1 <= args.window <= args.steps):
+        p.error("--statistical needs --seeds >= 2 and 1 <= --window <= --steps")
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -484,6 +538,12 @@ def parse_args(argv):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, cases = parse_args(argv)
+    if args.statistical:
+        from benchmarks import train_parity_stats
+
+        return train_parity_stats.main_statistical(
+            args, cases, sys.argv[1:] if argv is None else argv
+        )
     common.set_torch_threads(args.threads)
     songs, source = load_songs(args.pop909 or default_pop909_root(), args.songs)
     print(f"data: {len(songs)} songs from {source}", file=sys.stderr)
