@@ -20,7 +20,11 @@ from phraseldm_jax import sampler as sampler_lib
 from phraseldm_jax.remiz import MultiTrack
 
 BARS = 16  # the tiny model's songs (sample_size 64)
-MELODY, BRIDGE, PIANO = "i-13 o-0 p-74 d-12 o-12 p-76 d-12", "i-25 o-0 p-84 d-48", "i-0 o-0 p-50 d-24"
+MELODY, BRIDGE, PIANO = (
+    "i-13 o-0 p-74 d-12 o-12 p-76 d-12",
+    "i-25 o-0 p-84 d-48",
+    "i-0 o-0 p-50 d-24",
+)
 
 
 def _song_text(n_bars=6):
@@ -175,7 +179,9 @@ def test_sampler_keeps_the_masked_slots_exactly(settings, midi_path):
     kept = np.broadcast_to(mask[..., None], out.shape)
     np.testing.assert_array_equal(out[kept], (song * np.float32(0.76))[kept])
     assert np.isfinite(out).all() and not np.allclose(out[~kept], (song * 0.76)[~kept])
-    np.testing.assert_array_equal(plan.restore(out)[kept], np.repeat(plan.latents[None], 3, 0)[kept])
+    np.testing.assert_array_equal(
+        plan.restore(out)[kept], np.repeat(plan.latents[None], 3, 0)[kept]
+    )
 
 
 def test_plain_sampling_is_unchanged_and_an_empty_mask_is_plain():
@@ -206,3 +212,154 @@ def test_plain_sampling_is_unchanged_and_an_empty_mask_is_plain():
         sampler_lib.LatentSampler(cfg, sampler_lib.SamplerSettings(resample=1))(params, key, cond)
     with pytest.raises(ValueError, match="resample must be >= 0"):
         sampler_lib.SamplerSettings(resample=-1)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def _run(tmp_path, midi_path, name, *extra, decoder=None):
+    out = tmp_path / name
+    argv = ["--checkpoint", _workdir(tmp_path), "--out", str(out), "--num_songs", "2",
+            "--steps", "3", "--from", midi_path, *extra]  # fmt: skip
+    assert sample.main(argv, decoder=decoder or EncodingCodebook()) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def _bar_tracks(multitrack, bar):
+    return {
+        program: sorted(n.pitch for n in track.notes)
+        for program, track in multitrack.bars[bar].tracks.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "extra, bars, kept_bars, kept_programs",
+    [
+        (["--keep", "bars:1-4", "--bars", "10"], 10, [0, 1, 2, 3], ()),  # continuation
+        (["--keep", "bars:1-2,5-6"], 6, [0, 1, 4, 5], ()),  # infill bars 3-4
+        (["--keep", "tracks:13", "--resample", "1"], 6, [], (13,)),  # accompaniment
+        (["--variation", "0.5", "--bars", "12"], 12, [], ()),  # variation, exact length
+    ],
+    ids=["continue", "infill", "accompany", "variation"],
+)
+def test_each_mode_writes_midi_keeping_what_it_should(
+    tmp_path, midi_path, extra, bars, kept_bars, kept_programs
+):
+    out, summary = _run(tmp_path, midi_path, "songs", *extra)
+    edit = summary["settings"]["edit"]
+    assert (edit["n_bars"], edit["song_bars"], edit["slot_order"]) == (bars, 6, "pitch_order")
+    assert summary["settings"]["tempo"] == 100.0  # the song's
+    source = MultiTrack.from_midi(midi_path)
+    for entry in summary["songs"]:
+        # exact length: the kept [SEP] tail ends every song after bar `bars`
+        assert (entry["n_bars"], entry["bars_before_sep"], entry["written"]) == (bars, bars, True)
+        written = MultiTrack.from_midi(str(out / entry["file"]))
+        assert _tempo(out / entry["file"]) == mido.bpm2tempo(100)
+        for bar in kept_bars:  # kept bars come back note for note, in the input's key
+            assert _bar_tracks(written, bar) == _bar_tracks(source, bar)
+        for program in kept_programs:  # in every bar (a generated slot may add to the track)
+            for bar in range(bars):
+                kept = _bar_tracks(source, bar)[program]
+                assert set(kept) <= set(_bar_tracks(written, bar)[program])
+
+
+def _tempo(path):
+    return next(
+        m.tempo for t in mido.MidiFile(str(path)).tracks for m in t if m.type == "set_tempo"
+    )
+
+
+def test_exact_length_without_a_song_on_an_unconditional_model(tmp_path):
+    config, _, params = _model(length=False)
+    workdir = ldm_fixtures.save_workdir(tmp_path / "uncond", config, params)
+    out = tmp_path / "songs"
+    argv = ["--checkpoint", workdir, "--out", str(out), "--num_songs", "2", "--steps", "3",
+            "--exact_length", "--bars", "5", "--resample", "1"]  # fmt: skip
+    assert sample.main(argv, decoder=EncodingCodebook()) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["n_bars"] for s in summary["songs"]] == [5, 5]
+    assert summary["settings"]["edit"]["from"] is None
+    assert summary["settings"]["tempo"] == 90.0
+
+
+def test_kept_slots_decode_to_the_vaes_reconstruction(tmp_path, midi_path):
+    """With a (random, tiny) PhraseVAE encoding the song and decoding the samples, every kept
+    slot decodes to the reconstruction of its input phrase, exactly."""
+    from phraseldm_jax import vae, vae_inference
+
+    vae_config = vae.PhraseVAEConfig(
+        t5=dict(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1),
+        head="vae",
+        n_query_tokens=4,
+        latent_dim=64,
+    )
+    model = vae_inference.PhraseVAEModel(
+        vae_config, vae.init_params(jax.random.PRNGKey(1), vae_config), max_length=32
+    )
+    _, cfg, params = _model()
+    song = editing.import_song(midi_path)
+    plan = editing.plan_edit(
+        model, length=4 * BARS, scale_factor=0.76, song=song, keep=editing.parse_keep(["bars:1-3"])
+    )
+    sampler = sampler_lib.LatentSampler(cfg, sampler_lib.SamplerSettings("ddim", 3))
+    raw = plan.restore(
+        sampler(params, jax.random.PRNGKey(0), ldm.make_conditions(1, 6), *plan.batch(1))
+    )
+    decoded = songs.decode_songs(model, raw, past_the_end=True)[0].slots
+    kept = np.flatnonzero(plan.mask)
+    inputs = [(list(song.slots) + [phrases.SEP_TOKEN] * 64)[i] for i in kept]
+    assert [decoded[i] for i in kept] == model.reconstruct(inputs)
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+
+def _refused(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv, decoder=EncodingCodebook())
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_bad_edits_are_one_line_before_any_compute(tmp_path, capsys, midi_path, monkeypatch):
+    monkeypatch.setattr(
+        sampler_lib.LatentSampler, "__call__", lambda *a: pytest.fail("sampled"), raising=True
+    )
+    missing = ["--checkpoint", "/nonexistent/ldm", "--out", str(tmp_path / "o")]
+    for extra, message in [
+        (
+            ["--from", str(tmp_path / "none.mid")],
+            "--from " + str(tmp_path / "none.mid") + ": no such file",
+        ),
+        (["--from", midi_path, "--keep", "bars:3-1"], "bad bar range '3-1'"),
+        (["--from", midi_path, "--keep", "tracks:x"], "'x' is not a program"),
+        (["--from", midi_path, "--variation", "0"], "--variation must be in (0, 1], got 0.0"),
+        (["--from", midi_path, "--variation", "1.5"], "--variation must be in (0, 1], got 1.5"),
+        (["--keep", "bars:1-8"], "--keep needs --from"),
+        (["--resample", "2"], "--resample needs kept slots"),
+        (["--from", midi_path, "--resample", "-1"], "--resample must be >= 0"),
+    ]:
+        assert message in _refused(capsys, missing + extra)
+    base = ["--checkpoint", _workdir(tmp_path), "--out", str(tmp_path / "o"), "--from", midi_path]
+    assert "song.mid has 6 bars" in _refused(capsys, base + ["--keep", "bars:5-8"])
+    assert "edited song has 4 bars" in _refused(capsys, base + ["--keep", "bars:5", "--bars", "4"])
+    err = _refused(capsys, base + ["--keep", "tracks:40"])
+    assert "song.mid has no track with program 40 in its slots (it has 0, 13, 25)" in err
+    assert "at most 16" in _refused(capsys, base + ["--bars", "20"])
+    waltz = str(tmp_path / "waltz.mid")
+    _write_waltz(waltz)
+    err = _refused(capsys, [*base[:-1], waltz])
+    assert f"--from {waltz}: time signature 3/4 at tick 0; only 4/4" in err
+    assert not (tmp_path / "o").exists()
+
+
+def _write_waltz(path):
+    midi = mido.MidiFile()
+    track = mido.MidiTrack()
+    track.append(mido.MetaMessage("time_signature", numerator=3, denominator=4))
+    track.append(mido.Message("note_on", note=60, velocity=80, time=0))
+    track.append(mido.Message("note_off", note=60, velocity=0, time=480))
+    midi.tracks.append(track)
+    midi.save(path)
