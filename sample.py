@@ -29,6 +29,14 @@ instead reads exactly the requested bars by position from the 4-latents-per-bar 
 the model marked as the end: no note is invented, bars past the model's end are usually
 silent, and the MIDI file lasts to the end of the last bar; ``bars_before_sep`` in the summary
 keeps the length the model generated.
+
+Editing (``phraseldm_jax/editing.py``): ``--from song.mid`` encodes a MIDI song with the
+PhraseVAE and keeps slots of it at every denoising step (RePaint; ``--resample N`` more rounds
+per step): ``--keep bars:1-8 --bars 32`` continues it, ``--keep bars:1-8,17-32`` infills bars
+9-16, ``--keep tracks:13`` writes the other tracks for its melody, ``--variation 0.4`` starts
+from the song noised to t = 0.4 T (SDEdit). An edited song has exactly ``--bars`` bars
+(default: the song's): the ``[SEP]`` pad after it and every bar's ``b-1`` slot are kept, as
+``--exact_length`` does for a new song. It is written in the song's key and tempo.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from",
         dest="from_midi",
+        metavar="MIDI",
         type=common.path,
         default=None,
         help="edit this MIDI file (imported as prepare imports it, key normalised and put back, "
@@ -29,6 +30,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--keep",
         action="append",
         default=[],
+        metavar="SPEC",
         help="slots of the --from song to keep, repeatable: bars:1-8 (continue to --bars), "
         "bars:1-8,17-32 (infill the rest), tracks:13 (accompaniment: keep program 13 in every "
         "bar, generate the others); nothing kept but the length when left out",
