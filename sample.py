@@ -29,6 +29,14 @@ instead reads exactly the requested bars by position from the 4-latents-per-bar 
 the model marked as the end: no note is invented, bars past the model's end are usually
 silent, and the MIDI file lasts to the end of the last bar; ``bars_before_sep`` in the summary
 keeps the length the model generated.
+
+Editing (``phraseldm_jax/editing.py``): ``--from song.mid`` encodes a MIDI song with the
+PhraseVAE and keeps slots of it at every denoising step (RePaint; ``--resample N`` more rounds
+per step): ``--keep bars:1-8 --bars 32`` continues it, ``--keep bars:1-8,17-32`` infills bars
+9-16, ``--keep tracks:13`` writes the other tracks for its melody, ``--variation 0.4`` starts
+from the song noised to t = 0.4 T (SDEdit). An edited song has exactly ``--bars`` bars
+(default: the song's): the ``[SEP]`` pad after it and every bar's ``b-1`` slot are kept, as
+``--exact_length`` does for a new song. It is written in the song's key and tempo.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import sys
 import time
 
 from phraseldm_jax import fileio, sections
-from phraseldm_jax.cli import common
+from phraseldm_jax.cli import common, edit_flags
 from phraseldm_jax.errors import CheckpointDamagedError
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 
@@ -147,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key", default=None, help="transpose to this key, e.g. D, Bb, F#m; default: C / Am"
     )
-    p.add_argument("--tempo", type=float, default=90.0, help="bpm written into the MIDI files")
+    p.add_argument(
+        "--tempo",
+        type=float,
+        default=None,
+        help="bpm written into the MIDI files; default: the --from song's, else 90",
+    )
     p.add_argument("--batch_size", type=int, default=8, help="songs sampled together")
     p.add_argument("--max_decode_length", type=int, default=128, help="tokens per phrase")
     p.add_argument(
@@ -172,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where the model ended the song earlier (those bars are usually silent); off: a song "
         "ends at its first [SEP] as in the original",
     )
+    edit_flags.add_flags(p)
     common.add_verbose_flag(p)
     return p
 
@@ -199,7 +213,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.steps = 1000 if args.sampler == "ddpm" else DEFAULT_FAST_STEPS
     if not 1 <= args.steps <= 1000:
         parser.error(f"--steps must be in 1..1000, got {args.steps}")
-    if args.tempo <= 0:
+    if args.tempo is not None and args.tempo <= 0:
         parser.error(f"--tempo must be > 0, got {args.tempo}")
     if args.max_decode_length < 2:
         parser.error(f"--max_decode_length must be >= 2, got {args.max_decode_length}")
@@ -213,6 +227,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(str(err))
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} exists and is not a folder")
+    edit_flags.check_args(parser, args)
     if not os.path.isdir(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint}: no such folder")
     if args.vae_workdir is not None:
@@ -222,13 +237,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(str(err))
 
 
-def check_model(parser, args, ldm_cfg) -> None:
+def check_model(parser, args, ldm_cfg, fmt_original: bool = False) -> None:
     """Conditions the model cannot take are errors, not silently ignored options."""
     if args.plan is not None and not ldm_cfg.sec_control:
         parser.error(f"--plan given but {args.checkpoint} is not section-conditioned")
     if ldm_cfg.sec_control and args.plan is None:
         parser.error(f"{args.checkpoint} is section-conditioned: give --plan")
-    if args.bars is not None and not ldm_cfg.length_control:
+    if args.bars is not None and not ldm_cfg.length_control and not edit_flags.editing(args):
         parser.error(f"--bars given but {args.checkpoint} is not length-conditioned")
     if args.guidance != 1.0 and not (ldm_cfg.length_control or ldm_cfg.sec_control):
         parser.error("--guidance needs a conditional model")
@@ -238,6 +253,8 @@ def check_model(parser, args, ldm_cfg) -> None:
     bars = args.section_plan.n_bars if args.section_plan is not None else args.bars
     if bars is not None and bars > max_bars:
         parser.error(f"{bars} bars requested but {args.checkpoint} generates at most {max_bars}")
+    if edit_flags.editing(args):
+        edit_flags.check_song(parser, args, ldm_cfg, fmt_original)
 
 
 def clear_earlier_songs(out: str) -> list[str]:
@@ -368,8 +385,11 @@ def run(args, model, decoder, log=print) -> dict:
         guidance_scale=args.guidance,
         eta=args.eta,
         clip=args.clip or model.default_clip,
+        resample=args.resample,
+        strength=args.variation or 1.0,
     )
-    target = args.bars
+    edit = getattr(args, "edit_plan", None)  # editing (edit_flags.build_plan)
+    target = edit.n_bars if edit is not None else args.bars
     if target is None and ldm_cfg.length_control:  # the paper's evaluation length
         target = (
             args.section_plan.n_bars
@@ -389,7 +409,11 @@ def run(args, model, decoder, log=print) -> dict:
         n = min(args.batch_size, args.num_songs - start)
         cond = ldm.make_conditions(n, target, args.section_plan)
         t0 = time.perf_counter()
-        latents = sampler(params, jax.random.fold_in(jax.random.PRNGKey(args.seed), index), cond)
+        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), index)
+        if edit is None:
+            latents = sampler(params, key, cond)
+        else:  # the kept slots get the encoded latents back: they decode as the VAE's
+            latents = edit.restore(sampler(params, key, cond, *edit.batch(n)))
         t1 = time.perf_counter()
         decoded = songs.decode_songs(decoder, latents, forced_bars)
         t2 = time.perf_counter()
@@ -402,7 +426,7 @@ def run(args, model, decoder, log=print) -> dict:
                     song.multitrack,
                     os.path.join(args.out, entry["file"]),
                     tempo=args.tempo,
-                    semitones=args.semitones,
+                    semitones=args.semitones - getattr(args, "key_shift", 0),
                     keep_silent_bars=args.force_length or not song.n_notes,
                 )
             songs_out.append(entry)
@@ -445,6 +469,7 @@ def run(args, model, decoder, log=print) -> dict:
             "semitones": args.semitones,
             "tempo": args.tempo,
             "batch_size": args.batch_size,
+            "edit": edit_flags.summary(args, edit) if edit is not None else None,
             "devices": int(mesh.size),
             "dit_dtype": ldm_cfg.dit.dtype,
             "decode_dtype": getattr(decoder, "compute_dtype", None) or "float32",
@@ -478,7 +503,8 @@ def main(argv=None, decoder=None) -> int:
         ldm_cfg = pretrained.read_ldm_config(args.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    check_model(parser, args, ldm_cfg)
+    fmt_original = not os.path.isdir(os.path.join(args.checkpoint, "checkpoints"))
+    check_model(parser, args, ldm_cfg, fmt_original)
     try:
         model = pretrained.load_ldm(args.checkpoint, args.which)
     except CheckpointDamagedError as err:  # the flags were fine: one line, no usage
@@ -503,6 +529,14 @@ def main(argv=None, decoder=None) -> int:
             )
         except CheckpointDamagedError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
+    args.edit_plan, args.key_shift = None, 0
+    if edit_flags.editing(args):  # the VAE encodes the song and the special slots
+        args.edit_plan = edit_flags.build_plan(parser, args, decoder, model.config)
+        song = args.edit_song
+        if song is not None:
+            args.key_shift = song.key_shift if args.key is None else 0
+            args.tempo = args.tempo or song.tempo
+    args.tempo = args.tempo or 90.0
     vae_used = getattr(decoder, "checkpoint", None)
     if vae_used is not None:
         print(f"VAE checkpoint: {describe_checkpoint(vae_used)}", file=sys.stderr)

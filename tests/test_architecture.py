@@ -17,7 +17,7 @@ MAX_MODULE_LINES = 600
 LAYERS = {
     "core": (
         "remiz", "vocab", "sections", "phrases", "fileio", "errors", "trees", "diffusion",
-        "sharding", "optim",
+        "inpainting", "sharding", "optim",
     ),
     "models": ("t5", "vae", "dit", "conditioning", "ldm"),
     "kernels": ("decode_cache", "decoding", "metrics"),
@@ -31,7 +31,10 @@ LAYERS = {
         "trainer",
     ),
     "convert": ("convert",),
-    "inference": ("pretrained", "vae_inference", "sampler", "songs", "latent_dataset", "latent_tools"),
+    "inference": (
+        "pretrained", "vae_inference", "sampler", "songs", "latent_dataset", "latent_tools",
+        "editing",
+    ),
     "tasks": ("vae_task", "ldm_task"),
     "cli": ("cli", "__main__"),
 }  # fmt: skip
