@@ -569,8 +569,7 @@ def _restore_params(workdir: str, used: CheckpointUsed, target: Any) -> Any:
 def load_params(
     workdir: str, which: str = "best", step: int | None = None, target: Any = None
 ) -> Any:
-    """The params of exactly the ``which`` checkpoint (newest, or ``step``); ``load_trained``
-    with ``exact=True``, without the record."""
+    """The params of exactly the ``which`` checkpoint (newest, or ``step``), no fallback."""
     return load_trained(workdir, which, step=step, target=target, exact=True)[0]
 
 
@@ -590,8 +589,7 @@ def read_workdir_config(workdir: str, model_key: str | None = None) -> dict:
 
 
 def write_workdir_config(workdir: str, config: Any) -> None:
-    """``<workdir>/config.json`` from an ml_collections ConfigDict (or a plain dict), written
-    atomically by process 0; a new start overwrites it whole."""
+    """``<workdir>/config.json`` of a ConfigDict or dict, atomically, by process 0 only."""
     if jax.process_index() != 0:
         return
     if hasattr(config, "to_json_best_effort"):

@@ -51,9 +51,11 @@ from phraseldm_jax import nonfinite_guard as guard
 class Task:
     """What one training needs besides the generic loop.
 
-    init_params: ``(rng, example_batch: dict[str, np.ndarray]) -> params``; the example is
-        one host-local batch. May load a previous stage (``checkpointing.load_params``); it
-        is traced under ``jit``, so loaded weights become constants of the init program.
+    init_params: ``(rng, example_batch: dict[str, np.ndarray]) -> params``, fresh; the example
+        is one host-local batch. Traced for the state's shapes, so it reads no files.
+    warm_start: ``params -> params`` of the same shapes, applied to a fresh init only (never
+        to a resume): loads a previous stage. Traced under ``jit``, so loaded weights become
+        constants of the init program.
     loss_fn: ``(params, frozen, batch, rng, train: bool) -> (scalar loss, dict[str, scalar])``.
     evaluate: ``(params, step) -> dict[str, float | np.ndarray image | str]``, host side;
         logged as ``eval/<name>``. ``params`` are only valid until the next train step.
@@ -66,6 +68,7 @@ class Task:
     loss_fn: Callable
     evaluate: Callable | None = None
     frozen: Any = None
+    warm_start: Callable | None = None
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -117,10 +120,17 @@ class TrainResult:
 # The train step.
 
 
-def init_train_state(task: Task, tx: optax.GradientTransformation, seed: int, example_batch):
-    """Fresh ``TrainState`` (step 0); the seed is split into the init key and the run key."""
+def init_train_state(
+    task: Task, tx: optax.GradientTransformation, seed: int, example_batch, warm: bool = True
+):
+    """Fresh ``TrainState`` (step 0); the seed is split into the init key and the run key.
+
+    ``warm=False`` leaves out ``task.warm_start`` (same shapes, no files read): for the
+    abstract state a resume restores into."""
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(seed))
     params = task.init_params(init_rng, example_batch)
+    if warm and task.warm_start is not None:
+        params = task.warm_start(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=run_rng
     )
@@ -414,7 +424,7 @@ def _run_locked(config, workdir, task, make_train_iter, stop) -> TrainResult:
     # Optimiser and abstract state: shapes without allocating, then a sharding per leaf.
     tx, lr_fn = optim.make_optimizer(config.optim, tc.num_steps)
     init_fn = functools.partial(init_train_state, task, tx, tc.seed)
-    abstract_state = jax.eval_shape(init_fn, example)
+    abstract_state = jax.eval_shape(functools.partial(init_fn, warm=False), example)
     state_sh = sharding.tree_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
 
     store = checkpointing.CheckpointStore(workdir, keep_last=tc.keep_last)

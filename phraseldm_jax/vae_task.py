@@ -79,23 +79,22 @@ def load_previous_t5(workdir: str, which: str, target_t5: Any) -> Any:
     return params["t5"]
 
 
-def make_init_params(config: ml_collections.ConfigDict) -> Callable:
-    """``init_params(rng, example_batch) -> params`` (fresh, or the previous stage's T5)."""
-    model = model_config(config)
+def make_warm_start(config: ml_collections.ConfigDict) -> Callable | None:
+    """``params -> params`` with the previous stage's T5 (``train.init_from``), or None."""
     init_from = str(config.train.init_from)
     which = str(config.train.init_from_checkpoint)
+    if not init_from:
+        return None
     loaded = {}
 
-    def init_params(rng, example_batch):
-        del example_batch
-        params = dict(vae_lib.init_params(rng, model))
-        if init_from:
-            if "t5" not in loaded:  # read once, even though the trainer traces init twice
-                loaded["t5"] = load_previous_t5(init_from, which, params["t5"])
-            params["t5"] = jax.tree.map(jnp.asarray, loaded["t5"])
+    def warm_start(params):
+        params = dict(params)
+        if "t5" not in loaded:  # read once, even if the init is traced again
+            loaded["t5"] = load_previous_t5(init_from, which, params["t5"])
+        params["t5"] = jax.tree.map(jnp.asarray, loaded["t5"])
         return params
 
-    return init_params
+    return warm_start
 
 
 def token_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -411,7 +410,8 @@ def vae_task(config: ml_collections.ConfigDict) -> trainer.Task:
         evaluate = Evaluator(config, config.eval.split)
     return trainer.Task(
         name=f"phrase_vae_{model.head}",
-        init_params=make_init_params(config),
+        init_params=lambda rng, example_batch: vae_lib.init_params(rng, model),
+        warm_start=make_warm_start(config),
         loss_fn=make_loss_fn(config),
         evaluate=evaluate,
     )

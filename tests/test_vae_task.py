@@ -2,6 +2,7 @@
 short training whose loss clearly falls."""
 
 import importlib
+import shutil
 
 import jax
 import numpy as np
@@ -154,7 +155,8 @@ def chain(tmp_path_factory):
 
 def _initial_params(config, seed=42):
     init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
-    return vae_task.make_init_params(config)(init_rng, None)
+    params = vae_lib.init_params(init_rng, vae_task.model_config(config))
+    return vae_task.make_warm_start(config)(params)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -174,6 +176,21 @@ def test_stage_init_takes_the_previous_t5_and_fresh_heads(chain, stage):
     for head in set(params) - {"t5"}:  # stage 3: layer_norm, proj, post_proj
         fx.assert_trees_equal(params[head], fresh[head])
     assert (set(params) - {"t5"}) == ({"layer_norm", "proj", "post_proj"} if stage == 3 else set())
+
+
+def test_a_resume_reads_its_own_checkpoint_not_the_previous_stage(chain, tmp_path):
+    """Once a stage has a checkpoint, its ``init_from`` workdir may be gone (moved, another
+    machine): the resume restores without reading it."""
+    previous = tmp_path / "stage1"
+    shutil.copytree(chain[1], previous)
+    config = fx.tiny_config(2, num_steps=2, eval_every=0, ckpt_every=2)
+    config.train.init_from = str(previous)
+    fx.train(str(tmp_path / "stage2"), config)
+    shutil.rmtree(previous)
+    config.train.num_steps = 3
+    fx.train(str(tmp_path / "stage2"), config)
+    steps = [r["step"] for r in metric_writer.read_jsonl(str(tmp_path / "stage2"))]
+    assert max(steps) == 3
 
 
 def test_chained_runs_evaluate_and_select_their_metric(chain):
