@@ -26,7 +26,6 @@ from phraseldm_jax import editing, ldm, phrases, songs
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 from phraseldm_jax.sampler import LatentSampler, SamplerSettings
 
-VARIANTS = ("real", "plain", "naive", "resample")
 # The special slots an edit's reference holds besides the song's phrases.
 SPECIALS = (phrases.INST_TOKEN, phrases.BAR_TOKEN, phrases.SEP_TOKEN)
 
@@ -77,8 +76,7 @@ class CachingEncoder:
 
 @dataclasses.dataclass
 class Case:
-    """One test song: the song, the bars edited, the raw latents of those bars and its track
-    slots' strings per bar."""
+    """One test song: the song, the bars edited (n) and the raw latents of those bars."""
 
     song: editing.SourceSong
     n_bars: int
@@ -90,6 +88,7 @@ class Case:
 
     @property
     def slots(self) -> list[str]:
+        """The song's slot strings of bars 1..n."""
         return list(self.song.slots[: SLOTS_PER_BAR * self.n_bars])
 
 
@@ -105,10 +104,11 @@ def conditions(config: ldm.PhraseLDMConfig, cases: Sequence[Case]) -> ldm.Condit
 
 class Sampling:
     """Samples batches of cases with one compiled ``LatentSampler`` per settings, timing the
-    sampling alone (``compile_seconds`` taken out)."""
+    sampling alone (``compile_seconds`` taken out), and decodes them (``decode_seconds``)."""
 
     def __init__(self, models: Models, options: RunOptions):
         self.models, self.options, self._samplers = models, options, {}
+        self.decode_seconds = 0.0
 
     def settings(self, resample: int = 0, strength: float = 1.0) -> SamplerSettings:
         o = self.options
@@ -141,6 +141,13 @@ class Sampling:
             out.append(raw)
         return np.concatenate(out), seconds
 
+    def decode(self, raw: np.ndarray, cases: Sequence[Case]) -> Decoded:
+        """``decode`` with the PhraseVAE, timed."""
+        started = time.perf_counter()
+        decoded = decode(self.models.vae, raw, cases)
+        self.decode_seconds += time.perf_counter() - started
+        return decoded
+
 
 @dataclasses.dataclass
 class Decoded:
@@ -171,6 +178,33 @@ def reconstructions(vae, texts: Sequence[str]) -> dict[str, str]:
     return dict(zip(distinct, vae.decode(np.asarray(vae.encode(distinct)[0], np.float32))))
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What every run is measured against: ``pool`` the test songs' track-slot latents of
+    bars 1..n (PhraseFID's real side), ``spread_limits`` the real songs' spread of
+    adjacent-bar note changes, ``reconstructions`` the PhraseVAE's reconstruction of every
+    phrase the songs (and an edit's special slots) hold."""
+
+    pool: np.ndarray
+    spread_limits: np.ndarray
+    reconstructions: dict[str, str]
+
+
+def reference(vae, cases: Sequence[Case]) -> Reference:
+    """The ``Reference`` of the test songs."""
+    pool = np.concatenate([c.real[measures.track_slots(c.n_bars)] for c in cases])
+    changes = [
+        measures.note_changes(
+            measures.bar_texts(c.slots, c.n_bars), measures.adjacent_pairs(c.n_bars)
+        )
+        for c in cases
+    ]
+    texts = [t for c in cases for t in c.slots] + list(SPECIALS)
+    return Reference(
+        pool, measures.spread_limits(np.concatenate(changes)), reconstructions(vae, texts)
+    )
+
+
 def _song_measures(latents, texts, case: Case, plan) -> dict:
     """One song's structure and seam measures on the slots of ``plan``: bar SSM between its
     generated and kept bars, seam distances, seam note changes."""
@@ -182,26 +216,26 @@ def _song_measures(latents, texts, case: Case, plan) -> dict:
     }
 
 
-def real_measures(cases, plans, context: dict) -> dict:
+def real_measures(cases, plans, ref: Reference) -> dict:
     """The test songs measured on the slots of the mode's edits (the ``real`` row)."""
     per_song = [_song_measures(c.real, c.slots, c, p) for c, p in zip(cases, plans)]
     region = [c.real[measures.generated_slots(p.mask, c.n_bars)] for c, p in zip(cases, plans)]
     seam_l2 = [d for s in per_song for d in s["seam_l2"]]
     return {
-        "phrase_fid": measures.region_fid(context["real_pool"], np.concatenate(region)),
+        "phrase_fid": measures.region_fid(ref.pool, np.concatenate(region)),
         "ssm_generated_kept": measures.mean_or_none([s["ssm"] for s in per_song]),
         "seam_l2": measures.mean_or_none(seam_l2),
         "seams": len(seam_l2),
         "seam_notes_within_spread": measures.within_spread(
-            np.concatenate([s["changes"] for s in per_song]), context["spread_limits"]
+            np.concatenate([s["changes"] for s in per_song]), ref.spread_limits
         ),
     }
 
 
-def measure(raw, decoded: Decoded, cases, plans, context: dict) -> dict:
+def measure(raw, decoded: Decoded, cases, plans, ref: Reference) -> dict:
     """A run's measures on the slots of the mode's ``plans`` (``editing_measures``), each song
     against its real counterpart."""
-    recon = context["reconstructions"]
+    recon = ref.reconstructions
     matched = kept = copied = generated_total = 0
     rows, ssm, ssm_gap, seam_l2, seam_gap, changes = [], [], [], [], [], []
     for latents, texts, case, plan in zip(raw, decoded.slots, cases, plans):
@@ -229,7 +263,7 @@ def measure(raw, decoded: Decoded, cases, plans, context: dict) -> dict:
         "kept_slots": kept,
         "exact_length_share": float(np.mean(exact)),
         "bars": [song.n_bars for song in decoded.songs],
-        "phrase_fid": measures.region_fid(context["real_pool"], np.concatenate(rows)),
+        "phrase_fid": measures.region_fid(ref.pool, np.concatenate(rows)),
         "generated_slots": generated_total,
         "source_copy_share": copied / generated_total if generated_total else None,
         "ssm_generated_kept": measures.mean_or_none(ssm),
@@ -237,20 +271,21 @@ def measure(raw, decoded: Decoded, cases, plans, context: dict) -> dict:
         "seam_l2": measures.mean_or_none(seam_l2),
         "seam_l2_gap": measures.mean_or_none(seam_gap),
         "seam_notes_within_spread": measures.within_spread(
-            np.concatenate(changes), context["spread_limits"]
+            np.concatenate(changes), ref.spread_limits
         ),
     }
 
 
-def run_mode(mode: str, cases, sampling: Sampling, plain: dict, context: dict) -> dict:
-    """Every variant of ``mode`` on the cases it applies to."""
-    options = sampling.options
+def run_mode(mode: str, cases, sampling: Sampling, plain: dict, ref: Reference, encoder) -> dict:
+    """Every run of ``mode`` on the cases it applies to; ``plain``: the plain run's raw latents,
+    decoded songs and seconds per song."""
+    options, m = sampling.options, sampling.models
     edits = [editing_songs.mode_edit(mode, c.song, c.n_bars, options.edits) for c in cases]
     chosen = [i for i, e in enumerate(edits) if e is not None]
     mode_cases = [cases[i] for i in chosen]
-    if not mode_cases:
-        return {"description": editing_songs.describe(mode, options.edits), "songs": 0}
-    m, encoder = sampling.models, context["encoder"]
+    entry = {"description": editing_songs.describe(mode, options.edits), "songs": len(chosen)}
+    if not chosen:
+        return entry
     plans = [
         editing.plan_edit(
             encoder, length=m.config.dit.sample_size, scale_factor=m.config.scale_factor,
@@ -260,32 +295,28 @@ def run_mode(mode: str, cases, sampling: Sampling, plain: dict, context: dict) -
         for i in chosen
     ]  # fmt: skip
     strength = edits[chosen[0]].strength
-    variants = {"real": real_measures(mode_cases, plans, context)}
-    plain_raw = plain["raw"][chosen]
+    plain_decoded = plain["decoded"]
     plain_decoded = Decoded(
-        [plain["decoded"].songs[i] for i in chosen], [plain["decoded"].slots[i] for i in chosen]
+        [plain_decoded.songs[i] for i in chosen], [plain_decoded.slots[i] for i in chosen]
     )
-    variants["plain"] = measure(plain_raw, plain_decoded, mode_cases, plans, context)
-    variants["plain"]["seconds_per_song"] = plain["seconds_per_song"]
-    rounds = {"naive": 0, "resample": options.resample_rounds}
-    for name, resample in rounds.items():
-        raw, seconds = sampling(sampling.settings(resample, strength), mode_cases, plans)
-        started = time.perf_counter()
-        decoded = decode(m.vae, raw, mode_cases)
-        context["decode_seconds"] += time.perf_counter() - started
-        variants[name] = measure(raw, decoded, mode_cases, plans, context)
-        variants[name]["seconds_per_song"] = seconds / len(mode_cases)
-    for name in ("plain", "naive", "resample"):
-        per_song = variants[name]["seconds_per_song"]
-        variants[name]["speed_vs_plain"] = per_song / plain["seconds_per_song"]
-    return {
-        "description": editing_songs.describe(mode, options.edits),
-        "songs": len(mode_cases),
-        "song_ids": [c.song_id for c in mode_cases],
-        "strength": strength,
-        "variants": variants,
-        "resample_vs_naive": measures.compare(variants["naive"], variants["resample"]),
+    runs = {
+        "real": real_measures(mode_cases, plans, ref),
+        "plain": measure(plain["raw"][chosen], plain_decoded, mode_cases, plans, ref),
     }
+    runs["plain"]["seconds_per_song"] = plain["seconds_per_song"]
+    for name, rounds in (("naive", 0), ("resample", options.resample_rounds)):
+        raw, seconds = sampling(sampling.settings(rounds, strength), mode_cases, plans)
+        runs[name] = measure(raw, sampling.decode(raw, mode_cases), mode_cases, plans, ref)
+        runs[name]["seconds_per_song"] = seconds / len(mode_cases)
+    for name in ("plain", "naive", "resample"):
+        runs[name]["speed_vs_plain"] = runs[name]["seconds_per_song"] / plain["seconds_per_song"]
+    entry.update(
+        song_ids=[c.song_id for c in mode_cases],
+        strength=strength,
+        variants=runs,
+        resample_vs_naive=measures.compare(runs["naive"], runs["resample"]),
+    )
+    return entry
 
 
 def run(models: Models, cases: Sequence[Case], options: RunOptions, encoder=None) -> dict:
@@ -294,29 +325,11 @@ def run(models: Models, cases: Sequence[Case], options: RunOptions, encoder=None
     encoder = encoder or CachingEncoder(models.vae)
     sampling = Sampling(models, options)
     started = time.perf_counter()
-    all_slots = [t for c in cases for t in c.slots]
-    pool = np.concatenate([c.real[measures.track_slots(c.n_bars)] for c in cases])
-    real_changes = np.concatenate(
-        [
-            measures.note_changes(
-                measures.bar_texts(c.slots, c.n_bars), measures.adjacent_pairs(c.n_bars)
-            )
-            for c in cases
-        ]
-    )
-    context = {
-        "encoder": encoder,
-        "real_pool": pool,
-        "spread_limits": measures.spread_limits(real_changes),
-        "reconstructions": reconstructions(models.vae, all_slots + list(SPECIALS)),
-        "decode_seconds": 0.0,
-    }
+    ref = reference(models.vae, cases)
     raw, seconds = sampling(sampling.settings(), list(cases))
-    began = time.perf_counter()
-    plain = {"raw": raw, "decoded": decode(models.vae, raw, cases)}
-    context["decode_seconds"] += time.perf_counter() - began
+    plain = {"raw": raw, "decoded": sampling.decode(raw, cases)}
     plain["seconds_per_song"] = seconds / len(cases)
-    modes = {mode: run_mode(mode, cases, sampling, plain, context) for mode in options.modes}
+    modes = {mode: run_mode(mode, cases, sampling, plain, ref, encoder) for mode in options.modes}
     return {
         "plain": {
             "seconds_per_song": plain["seconds_per_song"],
@@ -325,13 +338,13 @@ def run(models: Models, cases: Sequence[Case], options: RunOptions, encoder=None
         },
         "spread_limits": {
             "quantile": measures.SPREAD_QUANTILE,
-            "onset_density": float(context["spread_limits"][0]),
-            "pitch_range": float(context["spread_limits"][1]),
+            "onset_density": float(ref.spread_limits[0]),
+            "pitch_range": float(ref.spread_limits[1]),
         },
         "modes": modes,
         "timings": {
             "encode_s": encoder.seconds,
-            "decode_s": context["decode_seconds"],
+            "decode_s": sampling.decode_seconds,
             "run_s": time.perf_counter() - started,
         },
     }
