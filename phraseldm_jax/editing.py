@@ -3,7 +3,8 @@ length, variations.
 
 A song comes from a MIDI file (``import_song``: the importer ``prepare`` uses for it, POP909's
 for a POP909 song folder, else ``input_pipeline.midi_folder`` with the key normalised to C
-major / A minor; ``SourceSong.key_shift`` and ``tempo`` put them back when writing) and becomes
+major / A minor; ``SourceSong.key_shift`` and ``tempo`` put them back when writing), or from a
+song record already imported (``song_from_record``: a prepared ``songs`` dataset's) and becomes
 its slot strings in the model's slot order (``phrases.slot_phrases``), encoded by the PhraseVAE
 to raw posterior means, as the latent dataset was built.
 
@@ -132,16 +133,23 @@ def _slot_programs(record: dict, slot_order: str) -> list[int | None]:
     return out
 
 
+def song_from_record(record: dict, slot_order: str = "pitch_order", path: str = "") -> SourceSong:
+    """A song record (one ``import_record`` returns, or one of a prepared ``songs`` dataset)
+    -> ``SourceSong`` with its slots in ``slot_order``; ``path`` names it in errors."""
+    if slot_order not in phrases.SLOT_ORDERS:
+        raise EditError(f"unknown slot order {slot_order!r}; use one of {phrases.SLOT_ORDERS}")
+    if int(record["n_bars"]) < 1:
+        raise EditError(f"{path or record.get('song_id', 'the song')}: the song has no bars")
+    slots = phrases.slot_phrases(record, slot_order, fixed_programs=phrases.POP909_PROGRAMS)
+    programs = _slot_programs(record, slot_order)
+    return SourceSong(path, record, tuple(slots), tuple(programs), slot_order)
+
+
 def import_song(path: str, slot_order: str = "pitch_order") -> SourceSong:
     """MIDI file -> ``SourceSong`` (``import_record``, then the slots in ``slot_order``)."""
     if slot_order not in phrases.SLOT_ORDERS:
         raise EditError(f"unknown slot order {slot_order!r}; use one of {phrases.SLOT_ORDERS}")
-    record = import_record(path)
-    if int(record["n_bars"]) < 1:
-        raise EditError(f"{path}: the song has no bars")
-    slots = phrases.slot_phrases(record, slot_order, fixed_programs=phrases.POP909_PROGRAMS)
-    programs = _slot_programs(record, slot_order)
-    return SourceSong(path, record, tuple(slots), tuple(programs), slot_order)
+    return song_from_record(import_record(path), slot_order, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,12 +213,15 @@ def check_keep(keep: KeepSpec, song: SourceSong, n_bars: int) -> None:
 class EditPlan:
     """One edit: ``latents`` [length, dim] raw reference latents of every slot, ``model``
     the same in the model's space (scaled; the ``[SEP]`` pad as the data pipeline pads),
-    ``mask`` [length] bool (True = kept), ``n_bars`` the edited song's length."""
+    ``mask`` [length] bool (True = kept), ``n_bars`` the edited song's length, ``slots`` the
+    reference slot strings ``latents`` encode (what a kept slot must decode to, through the
+    PhraseVAE's reconstruction)."""
 
     latents: np.ndarray
     model: np.ndarray
     mask: np.ndarray
     n_bars: int
+    slots: tuple[str, ...] = ()
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(song [n, length, dim], mask [n, length]) for ``LatentSampler``."""
@@ -301,4 +312,4 @@ def plan_edit(
         tail = np.asarray(slots) == phrases.SEP_TOKEN
         model[tail] = raw[tail]
     mask = _kept_mask(song, keep, n_bars, length, exact_length)
-    return EditPlan(raw, model.astype(np.float32), mask, n_bars)
+    return EditPlan(raw, model.astype(np.float32), mask, n_bars, tuple(slots))

@@ -69,6 +69,21 @@ class Codebook:
         )
 
 
+class EncodingCodebook(Codebook):
+    """The codebook as a PhraseVAE (editing tests): ``encode`` gives each phrase its latent;
+    b-1 and [SEP] are far from everything, so only kept slots decode to them."""
+
+    def __init__(self):
+        super().__init__(seed=5)
+        self.latent(ONE_NOTE_BAR)
+        for token in (phrases.BAR_TOKEN, phrases.SEP_TOKEN):
+            self.vectors[self.texts.index(token)] *= 50.0
+
+    def encode(self, texts):
+        latents = np.stack([self.latent(t) for t in texts])
+        return latents, np.zeros_like(latents)
+
+
 def synthetic_songs(codebook: Codebook, n_songs: int, seed: int = 0) -> list[dict]:
     """Latent records of the synthetic corpus (16-64 bars, fitting section plans)."""
     songs = []

@@ -50,19 +50,7 @@ def midi_path(tmp_path_factory):
     return path
 
 
-class EncodingCodebook(ldm_fixtures.Codebook):
-    """The test codebook as a PhraseVAE: ``encode`` gives each phrase its latent; b-1 and
-    [SEP] are far from everything, so only kept slots decode to them."""
-
-    def __init__(self):
-        super().__init__(seed=5)
-        self.latent(ldm_fixtures.ONE_NOTE_BAR)
-        for token in ("b-1", "[SEP]"):
-            self.vectors[self.texts.index(token)] *= 50.0
-
-    def encode(self, texts):
-        latents = np.stack([self.latent(t) for t in texts])
-        return latents, np.zeros_like(latents)
+EncodingCodebook = ldm_fixtures.EncodingCodebook
 
 
 @functools.cache
@@ -118,6 +106,16 @@ def _plan(song, **kwargs):
     return editing.plan_edit(
         EncodingCodebook(), length=4 * BARS, scale_factor=0.76, song=song, **kwargs
     )
+
+
+def test_song_from_record_is_import_song_without_the_file(midi_path):
+    song = editing.import_song(midi_path)
+    assert editing.song_from_record(song.record, path=song.path) == song
+    plan = _plan(song, n_bars=8)  # the reference slots: the song, empty bars, the [SEP] pad
+    empty_bar = ("[INST]",) * 3 + ("b-1",)
+    assert plan.slots == song.slots + empty_bar * 2 + ("[SEP]",) * (4 * BARS - 32)
+    with pytest.raises(editing.EditError, match="pop909/1: the song has no bars"):
+        editing.song_from_record(dict(song.record, n_bars=0), path="pop909/1")
 
 
 def test_masks_of_each_mode(midi_path):
