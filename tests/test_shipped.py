@@ -17,6 +17,7 @@ import pytest
 import vae_fixtures
 
 import sample
+from configs import paths
 from phraseldm_jax import ldm, ldm_task, pretrained, shipped, shipping, vae
 from phraseldm_jax.cli import edit_flags
 from phraseldm_jax.cli import ship as cli
@@ -271,3 +272,22 @@ def test_model_card_template(shipped_dir):
     assert card == (shipped_dir / "README.md").read_text()
     assert "| `ldm_seccond/` | PhraseLDM, section-conditioned" in card
     assert manifest["provenance"]["commit"] in card and "## Results" in card
+
+
+REPO_SHIPPED = paths.pretrained_dir()
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(REPO_SHIPPED, shipped.MANIFEST)),
+    reason=f"no shipped models in {REPO_SHIPPED} yet",
+)
+def test_the_models_shipped_in_the_repository(tmp_path, capsys):
+    """Once pretrained/pop909-small is in the checkout: every file as shipped.json lists it,
+    within the size limit, and sample.py without --checkpoint writes a song with it."""
+    shipped.verify(REPO_SHIPPED)
+    assert shipping.folder_bytes(REPO_SHIPPED) <= shipping.DEFAULT_MAX_MB * shipping.MB
+    argv = ["--out", str(tmp_path / "songs"), "--num_songs", "1", "--bars", "4", "--steps", "2",
+            "--max_decode_length", "16", "--force_length", "--cpu_devices", "1"]  # fmt: skip
+    assert sample.main(argv) == 0
+    assert "using the shipped length-conditioned PhraseLDM" in capsys.readouterr().err
+    assert (tmp_path / "songs" / "song_000.txt").is_file()
