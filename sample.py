@@ -1,5 +1,6 @@
 """Generates songs with a trained PhraseLDM and writes them as MIDI, plus a JSON summary.
 
+  python sample.py --out /tmp/songs --num_songs 4 --bars 64      # the shipped models
   python sample.py --checkpoint /work/runs/ldm_lencond --out /tmp/songs --num_songs 4 --bars 64
   python sample.py --checkpoint /work/runs/ldm_seccond --out /tmp/songs \\
       --plan "i-8 A-8 B-8 X-4" --sampler dpmpp_2m --steps 25 --key Eb --tempo 100
@@ -7,9 +8,13 @@
 ``--checkpoint`` is an LDM training workdir (Orbax, ``train_ldm.py`` or ``python -m
 phraseldm_jax.cli.convert import``) or a folder in the original's layout (``config.json`` +
 ``model.safetensors``, read by ``convert.api``; give ``--vae_workdir`` with it, a PhraseVAE
-workdir or original-layout folder). Songs come out in C major / A minor; ``--key`` transposes
-them (``D``: +2 from C major; ``Bm``: the same shift, from A minor). Every option is checked
-before anything is loaded or computed; a bad one exits with status 2 and says why.
+workdir or original-layout folder). Without it, the models shipped in the repository are used
+(``pretrained/pop909-small``, or the folder ``$PHRASELDM_PRETRAINED`` names; written by
+``python -m phraseldm_jax.cli.ship``): the length-conditioned PhraseLDM, or with ``--plan``
+the section-conditioned one, each decoded by the PhraseVAE its ``shipped.json`` names. Songs
+come out in C major / A minor; ``--key`` transposes them (``D``: +2 from C major; ``Bm``: the
+same shift, from A minor). Every option is checked before anything is loaded or computed; a
+bad one exits with status 2 and says why.
 
 Output: ``song_000.mid`` ... (the original writes 90 bpm), ``song_000.txt`` ... (the REMI-z
 song strings, untransposed) and ``summary.json`` (bars per song, settings, seed, timings, and
@@ -86,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = common.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument(
         "--checkpoint",
-        required=True,
+        default=None,
         type=common.path,
-        help="LDM training workdir or original-layout folder (relative paths and ~ work)",
+        help="LDM training workdir or original-layout folder (relative paths and ~ work); "
+        "default: the shipped models (pretrained/pop909-small, or $PHRASELDM_PRETRAINED): "
+        "the length-conditioned PhraseLDM, with --plan the section-conditioned one, each "
+        "with its PhraseVAE",
     )
     p.add_argument(
         "--which",
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=common.path,
         default=None,
         help="PhraseVAE workdir or original-layout folder; default: the one the LDM workdir "
-        "names (its config.json's vae.workdir)",
+        "names (its config.json's vae.workdir), for a shipped LDM the one shipped.json names",
     )
     p.add_argument(
         "--out",
@@ -228,13 +236,32 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} exists and is not a folder")
     edit_flags.check_args(parser, args)
-    if not os.path.isdir(args.checkpoint):
-        parser.error(f"--checkpoint {args.checkpoint}: no such folder")
+    find_shipped(parser, args)
     if args.vae_workdir is not None:
         try:
             common.require_vae_folder(args.vae_workdir, "--vae_workdir")
         except common.UsageError as err:
             parser.error(str(err))
+
+
+def find_shipped(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.shipped``: without ``--checkpoint`` the shipped LDM (``shipped.for_sampling``)
+    and its VAE, or one line (status 2) saying what is missing; a ``--checkpoint`` that is a
+    shipped LDM's folder gets its VAE the same way; else None."""
+    from configs import paths
+    from phraseldm_jax import shipped
+
+    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: no such folder")
+    try:
+        args.shipped = shipped.for_sampling(
+            args.checkpoint, args.plan is not None, paths.pretrained_dir()
+        )
+    except shipped.ShippedModelsError as err:
+        parser.error(str(err))
+    if args.shipped is not None:
+        args.checkpoint = args.checkpoint or args.shipped.folder
+        args.vae_workdir = args.vae_workdir or args.shipped.vae_folder
 
 
 def check_model(parser, args, ldm_cfg, fmt_original: bool = False) -> None:
@@ -504,6 +531,8 @@ def main(argv=None, decoder=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     fmt_original = not os.path.isdir(os.path.join(args.checkpoint, "checkpoints"))
+    if args.shipped is not None:
+        print(f"using {args.shipped.describe()}", file=sys.stderr)
     check_model(parser, args, ldm_cfg, fmt_original)
     try:
         model = pretrained.load_ldm(args.checkpoint, args.which)
@@ -546,6 +575,8 @@ def main(argv=None, decoder=None) -> int:
         print(f"removed {len(removed)} files of an earlier run from {args.out}", file=sys.stderr)
     summary = run(args, model, decoder, log=lambda m: print(m, file=sys.stderr))
     summary["checkpoints"] = {"ldm": checkpoint_record(args.checkpoint, model.checkpoint)}
+    if args.shipped is not None:
+        summary["shipped"] = args.shipped.summary()
     if vae_workdir and getattr(decoder, "source", None) is not None:
         summary["checkpoints"]["vae"] = checkpoint_record(vae_workdir, vae_used)
     summary["timings"]["load_s"] = loaded - started

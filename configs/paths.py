@@ -10,7 +10,10 @@ machine's paths:
 - ``PHRASELDM_RUNS``: training workdirs (``<PHRASELDM_RUNS>/vae_stage3`` is the PhraseVAE whose
   latents the LDM configs expect);
 - ``PHRASELDM_POP909``: the raw POP909 folder (default ``../shared/data/pop909`` next to the
-  checkout, where it sits on the project's machines).
+  checkout, where it sits on the project's machines);
+- ``PHRASELDM_PRETRAINED``: the shipped models ``sample.py`` uses without ``--checkpoint``
+  (default ``pretrained/pop909-small`` in the checkout; layout: ``phraseldm_jax/shipped.py``).
+  Read at each call of ``pretrained_dir()``, so a test or a shell can point it elsewhere.
 """
 
 from __future__ import annotations
@@ -32,3 +35,12 @@ RAW_POP909 = _from_env("PHRASELDM_POP909", REPO_ROOT.parent / "shared" / "data" 
 POP909_SONGS = os.path.join(DATA_ROOT, "pop909")  # songs / phrases / bars datasets
 POP909_LATENTS = os.path.join(DATA_ROOT, "pop909_latents")  # the LDM's latent dataset
 POP909_VAE = os.path.join(RUNS_ROOT, "vae_stage3")  # the PhraseVAE that made those latents
+
+
+def pretrained_dir() -> str:
+    """The shipped models' folder: ``$PHRASELDM_PRETRAINED``, else ``pretrained/pop909-small``
+    in the checkout (read now, not at import)."""
+    return _from_env("PHRASELDM_PRETRAINED", REPO_ROOT / "pretrained" / "pop909-small")
+
+
+PRETRAINED = pretrained_dir()  # as the environment was at import

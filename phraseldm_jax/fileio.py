@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,41 @@ def atomic_write(path: PathLike, write: Callable[[str], Any]) -> None:
             os.remove(tmp)
         raise
     try:  # the rename itself survives a crash once the folder is synced (not on every OS)
+        _fsync(folder)
+    except OSError:
+        pass
+
+
+def replace_folder(path: PathLike, build: Callable[[str], Any]) -> None:
+    """Calls ``build(tmp)`` for a new empty folder beside ``path`` and puts it in ``path``'s
+    place: an existing ``path`` is renamed aside, the new folder renamed onto ``path``, then the
+    old one removed. On any error in ``build`` the new folder is removed and ``path`` is left as
+    it was. A crash between the two renames leaves the old folder beside ``path`` as
+    ``.old-<id>-<name>``. ``build`` writes its files with this module's writers."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = temporary_path(path)
+    os.mkdir(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.lexists(path):
+        old = os.path.join(folder, f".old-{uuid.uuid4().hex[:12]}-{name}")
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    try:
         _fsync(folder)
     except OSError:
         pass

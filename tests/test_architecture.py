@@ -33,7 +33,7 @@ LAYERS = {
     "convert": ("convert",),
     "inference": (
         "pretrained", "vae_inference", "sampler", "songs", "latent_dataset", "latent_tools",
-        "editing",
+        "editing", "shipped", "shipping",
     ),
     "tasks": ("vae_task", "ldm_task"),
     "cli": ("cli", "__main__"),

@@ -10,7 +10,7 @@ import pytest
 
 from phraseldm_jax import ldm_task
 from phraseldm_jax.cli import commands as entry_point
-from phraseldm_jax.cli import common, convert, evaluate, latent_tools, latents, prepare, vae
+from phraseldm_jax.cli import common, convert, evaluate, latent_tools, latents, prepare, ship, vae
 
 COMMANDS = {
     "vae": vae,
@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "prepare": prepare,
     "convert": convert,
+    "ship": ship,
 }
 
 

@@ -78,3 +78,25 @@ def test_json_round_trip_and_errors(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ValueError, match="list.json: expected a JSON object, got list"):
         fileio.read_json(tmp_path / "list.json")
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "models"
+
+    def build(files):
+        def write(folder):
+            for name, text in files.items():
+                fileio.write_text(os.path.join(folder, name), text)
+            if "fail" in files:
+                raise RuntimeError("stopped")
+
+        return write
+
+    fileio.replace_folder(target, build({"a.txt": "one"}))
+    assert sorted(os.listdir(target)) == ["a.txt"]
+    fileio.replace_folder(target, build({"b.txt": "two"}))
+    assert sorted(os.listdir(target)) == ["b.txt"]  # the old files went with the old folder
+    with pytest.raises(RuntimeError, match="stopped"):
+        fileio.replace_folder(target, build({"c.txt": "three", "fail": ""}))
+    assert sorted(os.listdir(target)) == ["b.txt"] and (target / "b.txt").read_text() == "two"
+    assert os.listdir(tmp_path) == ["models"]  # no temporary folder left

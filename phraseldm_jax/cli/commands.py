@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from phraseldm_jax.cli import common, convert, evaluate, latent_tools, latents, prepare, vae
+from phraseldm_jax.cli import common, convert, evaluate, latent_tools, latents, prepare, ship, vae
 
-# In the order of the workflow: data, latents, the VAE on files, scoring, conversion.
+# In the order of the workflow: data, latents, the VAE on files, scoring, conversion, shipping.
 COMMANDS = {
     "prepare": prepare,
     "latents": latents,
@@ -15,6 +15,7 @@ COMMANDS = {
     "latent_tools": latent_tools,
     "evaluate": evaluate,
     "convert": convert,
+    "ship": ship,
 }
 PROG = "python -m phraseldm_jax"
 

@@ -95,10 +95,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--resample needs kept slots (--from or --exact_length)")
 
 
-def model_conventions(checkpoint: str, fmt_original: bool) -> tuple[str, bool]:
+def model_conventions(checkpoint: str, fmt_original: bool, shipped=None) -> tuple[str, bool]:
     """(slot order, unscaled [SEP] pad) the LDM at ``checkpoint`` was trained with: its
     latent dataset's ``stats.json`` slot order (pitch_order when unreadable) and its
-    ``data.reference_padding``; an original-layout folder: pitch order, unscaled pad."""
+    ``data.reference_padding``; a shipped LDM (``shipped``, a ``ShippedLDM``): what its
+    shipped.json records; another original-layout folder: pitch order, unscaled pad."""
+    if shipped is not None:
+        return shipped.slot_order, shipped.reference_padding
     if fmt_original:
         return "pitch_order", True
     from phraseldm_jax import checkpointing, fileio
@@ -121,7 +124,9 @@ def check_song(parser, args, ldm_cfg, fmt_original: bool) -> None:
     from phraseldm_jax import editing as editing_lib
     from phraseldm_jax.phrases import SLOTS_PER_BAR
 
-    slot_order, args.reference_padding = model_conventions(args.checkpoint, fmt_original)
+    slot_order, args.reference_padding = model_conventions(
+        args.checkpoint, fmt_original, getattr(args, "shipped", None)
+    )
     slot_order = args.slot_order or slot_order
     max_bars = ldm_cfg.dit.sample_size // SLOTS_PER_BAR
     args.edit_song = None

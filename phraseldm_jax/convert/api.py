@@ -80,6 +80,7 @@ class LoadedPhraseVAE:
         self.params = _host_tree(params)
         self.source = source
         self.original_config = dict(original_config) if original_config else None
+        self.checkpoint = None  # the CheckpointUsed of a model read from a workdir
 
     @functools.cached_property
     def _device_params(self):
@@ -148,6 +149,7 @@ class LoadedPhraseLDM:
         self.section_vocab = section_vocab
         self.source = source
         self.clip = clip
+        self.checkpoint = None  # the CheckpointUsed of a model read from a workdir
 
     @functools.cached_property
     def _device_params(self):
@@ -370,7 +372,8 @@ def save_workdir(
 
 def load_workdir(workdir: str | os.PathLike, *, which: str = "best") -> Loaded:
     """A LoadedPhraseVAE or LoadedPhraseLDM from one of our workdirs (converted or trained
-    here), by its config.json ``model`` group; the ``which`` checkpoint, else the other."""
+    here), by its config.json ``model`` group; the ``which`` checkpoint, else the other (the
+    one read: its ``checkpoint``, a ``checkpointing.CheckpointUsed``)."""
     from phraseldm_jax import checkpointing
 
     workdir = os.fspath(workdir)
@@ -379,22 +382,26 @@ def load_workdir(workdir: str | os.PathLike, *, which: str = "best") -> Loaded:
     model = config.get("model")
     if not isinstance(model, dict) or not ({"t5", "dit"} & set(model)):
         raise ValueError(f"{config_path}: no PhraseVAE ('t5') or PhraseLDM ('dit') model group")
-    params, _ = checkpointing.load_trained(workdir, which)
+    params, used = checkpointing.load_trained(workdir, which)
     converted = config.get(CONVERTED_FROM) or {}
     source = os.path.abspath(workdir)
     if "t5" in model:
-        return LoadedPhraseVAE(
+        vae_model = LoadedPhraseVAE(
             vae_lib.PhraseVAEConfig(**model),
             params,
             source=source,
             original_config=converted.get("original_config"),
         )
+        vae_model.checkpoint = used
+        return vae_model
     ldm_config = PhraseLDMConfig(**model)
     if ldm_config.scale_factor <= 0 or ldm_config.clip_range <= 0:
         raise ValueError(f"{config_path}: model.scale_factor / clip_range not resolved (<= 0)")
     vocab = sections_lib.DEFAULT_SECTION_VOCAB
     if converted.get("section_vocab"):
         vocab = original_layout.section_vocab_from_json(converted["section_vocab"], config_path)
-    return LoadedPhraseLDM(
+    ldm_model = LoadedPhraseLDM(
         ldm_config, params, section_vocab=vocab, source=source, clip=workdir_clip(config)
     )
+    ldm_model.checkpoint = used
+    return ldm_model
