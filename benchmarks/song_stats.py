@@ -28,6 +28,7 @@ import argparse
 import glob
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -292,8 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     print(markdown(sets, args.programs))
     result = {
-        "command": " ".join(
-            ["python -m benchmarks.song_stats", *(argv if argv is not None else sys.argv[1:])]
+        "command": shlex.join(
+            ["python", "-m", "benchmarks.song_stats", *(sys.argv[1:] if argv is None else argv)]
         ),
         "programs": list(args.programs),
         "sources": sources,
