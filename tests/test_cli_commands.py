@@ -65,6 +65,9 @@ def test_evaluate_passes_its_flags_to_evaluate_checkpoint(monkeypatch, tmp_path,
     assert overrides["sampler"] == "ddim" and overrides["num_steps"] == 5
     assert overrides["guidance_scale"] == 2.0 and "num_songs" not in overrides
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+    # Through the one entry point too (its dispatcher adds a handler to the namespace).
+    assert entry_point.main(["evaluate", *argv, str(out)]) == 0
+    assert calls[1][2] == overrides and not any(callable(v) for v in calls[1][2].values())
 
 
 def test_one_entry_point_reaches_every_command(capsys):

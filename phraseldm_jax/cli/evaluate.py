@@ -50,15 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+EVAL_FLAGS = (
+    "sampler", "num_steps", "num_songs", "guidance_scale", "clip", "target_bars", "seed",
+    "songs_dir", "fid_split", "loss_batches",
+)  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
-    overrides = vars(args).copy()
-    overrides.pop("verbose", None)
-    workdir, which = overrides.pop("workdir"), overrides.pop("which")
+    # Only the eval.* flags: the entry point's dispatcher adds its own entries to ``args``.
+    overrides = {k: getattr(args, k) for k in EVAL_FLAGS if hasattr(args, k)}
+    workdir, which, out = args.workdir, args.which, args.out
     try:  # an LDM workdir, checked before anything loads
         checkpointing.read_workdir_config(workdir, "dit")
     except (FileNotFoundError, ValueError) as error:
         raise common.UsageError(f"--workdir {workdir}: {error}") from None
-    out = overrides.pop("out", None)
     result = ldm_task.evaluate_checkpoint(workdir, which, **overrides)
     text = json.dumps(result, indent=2)
     print(text)
