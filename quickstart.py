@@ -67,7 +67,7 @@ def stage_commands(config, workdir: str) -> list[tuple[str, list[str]]]:
     vae_common = [f"--config.data.data_dir={data_dir}", *_overrides(vae.overrides)]
     ldm_cfg = config.ldm
     sample = config.sample
-    return [
+    stages = [
         ("prepare the corpus", prepare),
         (
             "PhraseVAE stage 2 (query-token autoencoder)",
@@ -104,6 +104,22 @@ def stage_commands(config, workdir: str) -> list[tuple[str, list[str]]]:
             + (["--force_length"] if sample.force_length else []),
         ),
     ]
+    if sample.shipped_songs > 0 and shipped_models_present():
+        stages.append(
+            (
+                "songs from the shipped POP909 models",
+                ["sample.py", "--out", os.path.join(workdir, "pop909_songs")]
+                + ["--num_songs", str(sample.shipped_songs), "--bars", str(sample.bars)]
+                + ["--sampler", sample.sampler, "--steps", str(sample.steps)]
+                + ["--seed", str(sample.seed), "--force_length"],
+            )
+        )
+    return stages
+
+
+def shipped_models_present() -> bool:
+    """True when pretrained/pop909-small (or $PHRASELDM_PRETRAINED) holds shipped models."""
+    return os.path.isfile(os.path.join(paths.pretrained_dir(), "shipped.json"))
 
 
 def _load_state(path: str) -> dict:
@@ -151,6 +167,10 @@ def main(argv) -> None:
     for name, done in state["done"].items():
         print(f"  {done['seconds']:7.0f}  {name}")
     print(f"{len(midi)} MIDI files in {samples}: {', '.join(midi)}")
+    shipped_songs = os.path.join(workdir, "pop909_songs")
+    if os.path.isdir(shipped_songs):
+        midi = sorted(f for f in os.listdir(shipped_songs) if f.endswith(".mid"))
+        print(f"{len(midi)} MIDI files from the shipped POP909 models in {shipped_songs}")
     print(f"TensorBoard: tensorboard --logdir {workdir}")
 
 

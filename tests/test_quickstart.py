@@ -28,6 +28,7 @@ SMOKE = [
     "--config.sample.bars=8",
     "--config.sample.sampler=ddim",
     "--config.sample.steps=3",
+    "--config.sample.shipped_songs=2",
 ]
 
 
@@ -75,7 +76,12 @@ def test_every_stage_made_its_output(finished_run):
         assert (workdir / folder).is_dir(), folder
     assert (workdir / "latents" / "stats.json").is_file()
     state = json.loads((workdir / "quickstart_state.json").read_text())
-    assert len(state["done"]) == stage_count(result.stdout) == 6
+    # The shipped models' songs are a seventh stage where pretrained/pop909-small is present.
+    shipped = os.path.isfile(os.path.join(paths.pretrained_dir(), "shipped.json"))
+    assert len(state["done"]) == stage_count(result.stdout) == 6 + shipped
+    if shipped:
+        songs = sorted((workdir / "pop909_songs").glob("*.mid"))
+        assert len(songs) == 2 and "from the shipped POP909 models" in result.stdout
     assert "$ python train_vae.py --config=configs/vae_stage2.py:tiny" in result.stdout
 
 
