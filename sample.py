@@ -426,6 +426,8 @@ def run(args, model, decoder, log=print) -> dict:
     forced_bars = None
     if args.force_length:
         forced_bars = target if target is not None else args.section_plan.n_bars
+    if edit is not None and edit.exact_length:  # the kept bar layout says where bars are
+        forced_bars = edit.n_bars
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     sampler = LatentSampler(ldm_cfg, settings, mesh)
     os.makedirs(args.out, exist_ok=True)

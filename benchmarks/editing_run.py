@@ -141,10 +141,10 @@ class Sampling:
             out.append(raw)
         return np.concatenate(out), seconds
 
-    def decode(self, raw: np.ndarray, cases: Sequence[Case]) -> Decoded:
+    def decode(self, raw: np.ndarray, cases: Sequence[Case], plans=None) -> Decoded:
         """``decode`` with the PhraseVAE, timed."""
         started = time.perf_counter()
-        decoded = decode(self.models.vae, raw, cases)
+        decoded = decode(self.models.vae, raw, cases, plans)
         self.decode_seconds += time.perf_counter() - started
         return decoded
 
@@ -157,10 +157,17 @@ class Decoded:
     slots: list[list[str]]
 
 
-def decode(vae, raw: np.ndarray, cases: Sequence[Case]) -> Decoded:
-    """``songs.decode_songs`` of the run, plus the slots of bars 1..n it did not decode (past
+def decode(vae, raw: np.ndarray, cases: Sequence[Case], plans=None) -> Decoded:
+    """``songs.decode_songs`` of the run as ``sample.py`` does it (a plan that keeps the bar
+    layout reads its song by that layout), plus the slots of bars 1..n it did not decode (past
     a song that ended early)."""
-    decoded = songs.decode_songs(vae, raw)
+    if plans is not None and any(plan.exact_length for plan in plans):
+        decoded = [
+            songs.decode_songs(vae, raw[i : i + 1], plan.n_bars if plan.exact_length else None)[0]
+            for i, plan in enumerate(plans)
+        ]
+    else:
+        decoded = songs.decode_songs(vae, raw)
     slot_texts = []
     for song, case, latents in zip(decoded, cases, raw):
         texts = list(song.slots[: SLOTS_PER_BAR * case.n_bars])
@@ -306,7 +313,8 @@ def run_mode(mode: str, cases, sampling: Sampling, plain: dict, ref: Reference, 
     runs["plain"]["seconds_per_song"] = plain["seconds_per_song"]
     for name, rounds in (("naive", 0), ("resample", options.resample_rounds)):
         raw, seconds = sampling(sampling.settings(rounds, strength), mode_cases, plans)
-        runs[name] = measure(raw, sampling.decode(raw, mode_cases), mode_cases, plans, ref)
+        decoded = sampling.decode(raw, mode_cases, plans)
+        runs[name] = measure(raw, decoded, mode_cases, plans, ref)
         runs[name]["seconds_per_song"] = seconds / len(mode_cases)
     for name in ("plain", "naive", "resample"):
         runs[name]["speed_vs_plain"] = runs[name]["seconds_per_song"] / plain["seconds_per_song"]

@@ -215,13 +215,17 @@ class EditPlan:
     the same in the model's space (scaled; the ``[SEP]`` pad as the data pipeline pads),
     ``mask`` [length] bool (True = kept), ``n_bars`` the edited song's length, ``slots`` the
     reference slot strings ``latents`` encode (what a kept slot must decode to, through the
-    PhraseVAE's reconstruction)."""
+    PhraseVAE's reconstruction), ``exact_length`` whether the bar layout (``b-1`` slots and
+    ``[SEP]`` tail) is kept: then the song is read by that layout (``songs.decode_songs`` with
+    ``n_bars``), so stray ``b-1`` / ``[SEP]`` tokens decoded in generated slots cannot add or
+    cut bars."""
 
     latents: np.ndarray
     model: np.ndarray
     mask: np.ndarray
     n_bars: int
     slots: tuple[str, ...] = ()
+    exact_length: bool = False
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(song [n, length, dim], mask [n, length]) for ``LatentSampler``."""
@@ -312,4 +316,4 @@ def plan_edit(
         tail = np.asarray(slots) == phrases.SEP_TOKEN
         model[tail] = raw[tail]
     mask = _kept_mask(song, keep, n_bars, length, exact_length)
-    return EditPlan(raw, model.astype(np.float32), mask, n_bars, tuple(slots))
+    return EditPlan(raw, model.astype(np.float32), mask, n_bars, tuple(slots), exact_length)
