@@ -125,16 +125,8 @@ def file_digests(directory: str, skip: tuple[str, ...] = ()) -> dict[str, list]:
                 continue
             path = os.path.join(root, name)
             relative = os.path.relpath(path, directory).replace(os.sep, "/")
-            digests[relative] = [os.path.getsize(path), _sha256(path)]
+            digests[relative] = [os.path.getsize(path), fileio.file_sha256(path)]
     return dict(sorted(digests.items()))
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_damage(directory: str, expected: dict[str, list]) -> str | None:
@@ -154,7 +146,7 @@ def file_damage(directory: str, expected: dict[str, list]) -> str | None:
                 if actual < size
                 else (f"{relative} has {actual} bytes, expected {size}")
             )
-        if _sha256(path) != sha256:
+        if fileio.file_sha256(path) != sha256:
             return f"{relative} does not match its checksum"
     return None
 
@@ -217,7 +209,7 @@ def seal_step(step_dir: str) -> None:
         name = STEP_METADATA[0]
         files[name] = [
             os.path.getsize(os.path.join(step_dir, name)),
-            _sha256(os.path.join(step_dir, name)),
+            fileio.file_sha256(os.path.join(step_dir, name)),
         ]
         _write_digests(step_dir, dict(sorted(files.items())))
 

@@ -143,3 +143,14 @@ def read_json(path: PathLike) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (checkpoint and shipped-model digests)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

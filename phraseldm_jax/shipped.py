@@ -155,18 +155,8 @@ def verify(root: str | os.PathLike) -> None:
     manifest = read_manifest(root)
     check_files(root, manifest)
     for name, record in sorted((manifest.get("files") or {}).items()):
-        if file_sha256(os.path.join(root, name)) != record.get("sha256"):
+        if fileio.file_sha256(os.path.join(root, name)) != record.get("sha256"):
             raise ShippedModelsError(f"{os.path.join(root, name)}: sha256 differs from {MANIFEST}")
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_config(root: str, entry: Mapping[str, Any], folder: str) -> None:

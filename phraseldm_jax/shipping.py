@@ -130,7 +130,7 @@ def _files(folder: str) -> dict:
         for name in names:
             path = os.path.join(parent, name)
             relative = os.path.relpath(path, folder).replace(os.sep, "/")
-            files[relative] = {"bytes": os.path.getsize(path), "sha256": shipped.file_sha256(path)}
+            files[relative] = {"bytes": os.path.getsize(path), "sha256": fileio.file_sha256(path)}
     return dict(sorted(files.items()))
 
 
