@@ -33,6 +33,7 @@ section encoders, ``time_proj``) stay unchanged on both sides. Prints a table an
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -150,9 +151,19 @@ def adam_moments(opt_state: Any, params: Any) -> tuple[Any, Any]:
 class Sides:
     """Our jitted step and gradient, the torch trainer, and the converter between them.
 
-    ``batches(step) -> (our batch, torch loss closure, batch difference)``."""
+    ``batches(step) -> (our batch, torch loss closure (model, dtype) -> loss, batch
+    difference)``. ``make_trainer(model)``: the original's optimiser around ``model``; with
+    ``float64`` a float64 copy of the torch model trains beside it on the same batches, the
+    reference both float32 sides are measured against (``Float64Reference``)."""
 
-    def __init__(self, task, tx, lr_fn, params, to_torch: Callable, trainer_t, batches):
+    def __init__(
+        self, task, tx, lr_fn, params, to_torch: Callable, make_trainer: Callable, model,
+        batches, float64: bool = False,
+    ):  # fmt: skip
+        import copy
+
+        import torch
+
         from phraseldm_jax import trainer
 
         train_step = trainer.make_train_step(task, tx, lr_fn)
@@ -168,7 +179,12 @@ class Sides:
             step=np.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.key(0)
         )
         self.state = jax.device_put(self.state)
-        self.to_torch, self.trainer_t, self.batches = to_torch, trainer_t, batches
+        self.to_torch, self.batches = to_torch, batches
+        self.trainer_t = make_trainer(model)
+        self.reference = (
+            Float64Reference(make_trainer(copy.deepcopy(model).double())) if float64 else None
+        )
+        self.dtype = torch.float32
         self.initial_torch = {k: v.copy() for k, v in self._torch_params().items()}
 
     def _torch_params(self) -> dict[str, np.ndarray]:
@@ -194,13 +210,17 @@ class Sides:
         )
 
     def run(self, steps: int, every: int) -> dict:
-        losses, checkpoints, first = [], {}, {}
+        losses, checkpoints, first, float64 = [], {}, {}, {}
         batch_diff = 0.0
         for step in range(steps):
             batch, torch_loss, diff = self.batches(step)
             batch_diff = max(batch_diff, diff)
             self.state, metrics, grads = self.step_fn(self.state, batch)
-            loss_t, grads_t = self.trainer_t.step(torch_loss)
+            loss_t, grads_t = self.trainer_t.step(
+                functools.partial(torch_loss, self.trainer_t.model, self.dtype)
+            )
+            if self.reference is not None:
+                self.reference.step(torch_loss)
             loss_j = float(metrics["train/loss"])
             losses.append(
                 {"ours": loss_j, "torch": loss_t, "rel": abs(loss_j - loss_t) / abs(loss_t)}
@@ -217,9 +237,13 @@ class Sides:
                     self._ours(nu), {k: v for k, (_, v) in moments.items()}
                 )
                 first["optimised_tensors"] = len(self.trainer_t.names)
+                if self.reference is not None:
+                    first["float64"] = self.reference.distances(self, grads, grads_t)
             if (step + 1) % every == 0 or step + 1 == steps:
                 checkpoints[str(step + 1)] = self.params_diff()
-        return {
+                if self.reference is not None:
+                    float64[str(step + 1)] = self.reference.distances(self)
+        out = {
             "batch_max_abs_diff": batch_diff,
             "loss": {
                 "step1_rel": losses[0]["rel"],
@@ -230,6 +254,41 @@ class Sides:
             "params_every": checkpoints,
             "frozen_unchanged": self.frozen_unchanged(),
         }
+        if self.reference is not None:
+            out["float64_reference"] = float64
+        return out
+
+
+class Float64Reference:
+    """The original in float64 on the same batches: the float32 answer both sides round.
+
+    ``distances`` gives, for parameters (and at step 1 gradients), the worst relative distance
+    of torch float32 and of ours float32 from it: when ours is about as far from it as torch
+    is, the ours-vs-torch gap is float32 rounding on both sides, not a difference in what the
+    step computes."""
+
+    def __init__(self, trainer_t):
+        import torch
+
+        self.trainer_t, self.dtype = trainer_t, torch.float64
+
+    def step(self, torch_loss) -> None:
+        loss = functools.partial(torch_loss, self.trainer_t.model, self.dtype)
+        self.last_grads = self.trainer_t.step(loss)[1]
+
+    def _params(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().numpy() for n, p in self.trainer_t.model.named_parameters()}
+
+    def distances(self, sides: Sides, grads=None, grads_t=None) -> dict:
+        ref = self._params()
+        out = {
+            "params_torch32": tensor_diff(sides._torch_params(), ref),
+            "params_ours32": tensor_diff(sides._ours(sides.state.params), ref),
+        }
+        if grads is not None:
+            out["grads_torch32"] = tensor_diff(grads_t, self.last_grads)
+            out["grads_ours32"] = tensor_diff(sides._ours(grads), self.last_grads)
+        return out
 
 
 def init_key(seed: int) -> jax.Array:
@@ -280,7 +339,9 @@ def vae_setup(stage: int, size: str, seed: int, dropout_rate: float = 0.0) -> Si
     )  # fmt: skip
 
 
-def vae_sides(stage: int, size: str, songs, batch_size: int, seed: int) -> Sides:
+def vae_sides(
+    stage: int, size: str, songs, batch_size: int, seed: int, float64: bool = False
+) -> Sides:
     """PhraseVAE stage ``stage``: the paper recipe's optimiser and KL weight, ``size``'s T5."""
     import torch
 
@@ -293,7 +354,9 @@ def vae_sides(stage: int, size: str, songs, batch_size: int, seed: int) -> Sides
     setup = vae_setup(stage, size, seed)
     config, model_cfg, params = setup.config, setup.model_cfg, setup.params
     torch_model, to_torch = setup.torch_model, setup.to_torch
-    trainer_t = ttr.Trainer(torch_model, ttr.vae_optimizer(stage, torch_model))
+
+    def make_trainer(m):
+        return ttr.Trainer(m, ttr.vae_optimizer(stage, m))
 
     model = vae_lib.PhraseVAE(model_cfg)
     kl_weight = float(config.train.kl_weight)
@@ -333,9 +396,16 @@ def vae_sides(stage: int, size: str, songs, batch_size: int, seed: int) -> Sides
             ours["latent_noise"] = noise
         diff = _vae_batch_diff(ours, theirs)
         noise_t = None if noise is None else torch.from_numpy(noise)
-        return ours, lambda: torch_model.training_loss(theirs, noise_t), diff
 
-    return Sides(task, tx, lr_fn, jax.device_put(params), to_torch, trainer_t, batches)
+        def torch_loss(m, dtype):
+            return m.training_loss(theirs, None if noise_t is None else noise_t.to(dtype))
+
+        return ours, torch_loss, diff
+
+    return Sides(
+        task, tx, lr_fn, jax.device_put(params), to_torch, make_trainer, torch_model, batches,
+        float64,
+    )  # fmt: skip
 
 
 def _vae_batch_diff(ours: Mapping[str, np.ndarray], theirs: Mapping[str, Any]) -> float:
@@ -400,7 +470,9 @@ def ldm_setup(variant: str, size: str, songs, seed: int) -> SimpleNamespace:
     )  # fmt: skip
 
 
-def ldm_sides(variant: str, size: str, songs, batch_size: int, seed: int) -> Sides:
+def ldm_sides(
+    variant: str, size: str, songs, batch_size: int, seed: int, float64: bool = False
+) -> Sides:
     """PhraseLDM ``variant`` with the compatibility switches (``COMPAT_SWITCHES["ldm"]``)."""
     import torch
 
@@ -411,7 +483,9 @@ def ldm_sides(variant: str, size: str, songs, batch_size: int, seed: int) -> Sid
     setup = ldm_setup(variant, size, songs, seed)
     config, cfg, params, stats = setup.config, setup.cfg, setup.params, setup.stats
     latent_songs, torch_model, to_torch = setup.latent_songs, setup.torch_model, setup.to_torch
-    trainer_t = ttr.Trainer(torch_model, ttr.ldm_optimizer(torch_model), ttr.LDM_CLIP)
+
+    def make_trainer(m):
+        return ttr.Trainer(m, ttr.ldm_optimizer(m), ttr.LDM_CLIP)
 
     def loss_fn(params, frozen, batch, rng, train):
         del frozen, rng, train  # dropout off: the exact comparison
@@ -442,24 +516,35 @@ def ldm_sides(variant: str, size: str, songs, batch_size: int, seed: int) -> Sid
         plans = [s["section_plan"] for s in chosen]
         diff = float(np.max(np.abs(ours["latents"] - x0.numpy())))
         t_t, noise_t = torch.from_numpy(t), torch.from_numpy(noise)
-        return (
-            ours,
-            lambda: ttr.ldm_training_loss(torch_model, x0, t_t, noise_t, n_bars, plans),
-            diff,
-        )
 
-    return Sides(task, tx, lr_fn, jax.device_put(params), to_torch, trainer_t, batches)
+        def torch_loss(m, dtype):
+            return ttr.ldm_training_loss(m, x0.to(dtype), t_t, noise_t.to(dtype), n_bars, plans)
+
+        return ours, torch_loss, diff
+
+    return Sides(
+        task, tx, lr_fn, jax.device_put(params), to_torch, make_trainer, torch_model, batches,
+        float64,
+    )  # fmt: skip
 
 
 def run_case(
-    case: str, size: str, songs, *, steps: int, every: int, batch_size: int, seed: int = 0
+    case: str,
+    size: str,
+    songs,
+    *,
+    steps: int,
+    every: int,
+    batch_size: int,
+    seed: int = 0,
+    float64: bool = False,
 ) -> dict:
     """Both sides of one case for ``steps`` steps; the measurements (module docstring)."""
     start = time.perf_counter()
     if case.startswith("vae_stage"):
-        sides = vae_sides(int(case[-1]), size, songs, batch_size, seed)
+        sides = vae_sides(int(case[-1]), size, songs, batch_size, seed, float64)
     else:
-        sides = ldm_sides(case, size, songs, batch_size, seed)
+        sides = ldm_sides(case, size, songs, batch_size, seed, float64)
     result = sides.run(steps, every)
     result.update(size=size, steps=steps, batch_size=batch_size, wall_s=time.perf_counter() - start)
     return result
@@ -502,6 +587,27 @@ def table(results: Mapping[str, Mapping]) -> str:
     return common.markdown_table(header, rows)
 
 
+def float64_table(results: Mapping[str, Mapping]) -> str:
+    """Each float32 side's worst relative distance from the float64 original (step-1
+    gradients and parameters, parameters at the last check), and ours / torch's."""
+    header = [
+        "case", "grads@1 torch32", "grads@1 ours32", "params@1 torch32", "params@1 ours32",
+        "params@last torch32", "params@last ours32", "ours / torch @last",
+    ]  # fmt: skip
+    rows = []
+    for case, r in results.items():
+        if "float64_reference" not in r:
+            continue
+        first, last = r["step1"]["float64"], list(r["float64_reference"].values())[-1]
+        t_last, o_last = last["params_torch32"]["max_rel"], last["params_ours32"]["max_rel"]
+        rows.append([
+            case, first["grads_torch32"]["max_rel"], first["grads_ours32"]["max_rel"],
+            first["params_torch32"]["max_rel"], first["params_ours32"]["max_rel"], t_last,
+            o_last, o_last / t_last if t_last else "-",
+        ])  # fmt: skip
+    return common.markdown_table(header, rows)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_parity", description=__doc__)
     p.add_argument("--sizes", default="small", choices=SIZES, help="model sizes")
@@ -514,6 +620,10 @@ def parse_args(argv):
     p.add_argument("--pop909", default="", help="raw POP909 folder (default: configs/paths.py)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--out", default="", help="JSON path")
+    p.add_argument(
+        "--float64_reference", action="store_true",
+        help="also train the original in float64 and measure both float32 sides against it",
+    )  # fmt: skip
     p.add_argument("--statistical", action="store_true", help="seeds with dropout on, spread")
     p.add_argument("--seeds", type=int, default=3, help="statistical: runs per side")
     p.add_argument("--window", type=int, default=25, help="statistical: moving-mean steps")
@@ -555,7 +665,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {case} ...", file=sys.stderr, flush=True)
         batch = args.vae_batch if case.startswith("vae") else args.ldm_batch
         results[case] = run_case(
-            case, args.sizes, songs, steps=args.steps, every=args.every, batch_size=batch
+            case,
+            args.sizes,
+            songs,
+            steps=args.steps,
+            every=args.every,
+            batch_size=batch,
+            float64=args.float64_reference,
         )
         common.write_json(
             out,
@@ -570,6 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
     print(table(results))
+    if args.float64_reference:
+        print("\nDistance from the original in float64 (max |x - x64| / ||x64||):")
+        print(float64_table(results))
     print(f"wrote {out}", file=sys.stderr)
     return 0 if all(within_targets(r) for r in results.values()) else 1
 

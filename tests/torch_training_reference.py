@@ -187,12 +187,13 @@ def ldm_training_loss(
     if hasattr(model, "length_encoder"):
         global_states = model.length_encoder(n_bars)
     else:
-        global_states = torch.zeros(batch, 1, cfg.global_states_input_dim)
+        global_states = torch.zeros(batch, 1, cfg.global_states_input_dim, dtype=x0.dtype)
     mask = None
     if hasattr(model, "sec_encoder"):
         context, mask = model.sec_encoder(*model.sec_encoder.ids(list(plans)))
+        mask = mask.to(x0.dtype)  # the float mask in the model's dtype (a float64 copy too)
     else:
-        context = torch.zeros(batch, 7, cfg.cross_attention_input_dim)
+        context = torch.zeros(batch, 7, cfg.cross_attention_input_dim, dtype=x0.dtype)
     rotary = get_1d_rotary_pos_embed(
         cfg.attention_head_dim // 2, length + 1, use_real=True, repeat_interleave_real=False
     )
