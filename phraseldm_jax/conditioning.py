@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phraseldm_jax import sections
+from phraseldm_jax import layers, sections
 from phraseldm_jax.dit import Dense
 from phraseldm_jax.phrases import MAX_BARS, length_bucket
 
@@ -140,7 +140,7 @@ class _PostNormEncoderLayer(nn.Module):
         head_dim = dim // self.num_heads
         dense = lambda n, name: Dense(n, True, self.dtype, name=name)  # noqa: E731
         norm = lambda name: nn.LayerNorm(1e-5, dtype=jnp.float32, name=name)  # noqa: E731
-        drop = nn.Dropout(self.dropout_rate)
+        drop = layers.Dropout(self.dropout_rate)
 
         qkv = dense(3 * dim, "qkv")(x).astype(self.dtype)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phraseldm_jax import layers
+
 CROSS_BIAS_MODES = ("additive", "mask")
 # DiTConfig fields that say how to run the model, not what it is (not in the original's config).
 RUNTIME_FIELDS = ("dtype", "remat")
@@ -275,9 +277,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", torch_linear_init, (x.shape[-1], self.features))
-        y = jnp.dot(
-            x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32
-        )
+        y = layers.dense(x, kernel, self.dtype)
         if self.use_bias:
             y = y + self.param("bias", torch_bias_init(x.shape[-1]), (self.features,))
         return y

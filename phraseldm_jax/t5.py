@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from phraseldm_jax import layers
+
 # The (keys, values) of one attention layer, each [batch, num_heads, length, d_kv]: heads-major,
 # so that the attention matmuls read them as they are stored (``decoding`` caches them so too).
 KeyValue = tuple[jax.Array, jax.Array]
@@ -219,15 +221,15 @@ class T5Attention(nn.Module):
 
     def setup(self):
         c = self.config
-        dense = dict(
-            use_bias=False, dtype=c.compute_dtype, param_dtype=jnp.float32, precision=c.precision
-        )
+        dense = dict(use_bias=False, dtype=c.compute_dtype, precision=c.precision)
         # Hugging Face's T5 initialisation (matters when training from scratch, stage 1).
-        self.q = nn.Dense(c.inner_dim, kernel_init=_normal((c.d_model * c.d_kv) ** -0.5), **dense)
-        self.k = nn.Dense(c.inner_dim, kernel_init=_normal(c.d_model**-0.5), **dense)
-        self.v = nn.Dense(c.inner_dim, kernel_init=_normal(c.d_model**-0.5), **dense)
-        self.o = nn.Dense(c.d_model, kernel_init=_normal(c.inner_dim**-0.5), **dense)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.q = layers.Dense(
+            c.inner_dim, kernel_init=_normal((c.d_model * c.d_kv) ** -0.5), **dense
+        )
+        self.k = layers.Dense(c.inner_dim, kernel_init=_normal(c.d_model**-0.5), **dense)
+        self.v = layers.Dense(c.inner_dim, kernel_init=_normal(c.d_model**-0.5), **dense)
+        self.o = layers.Dense(c.d_model, kernel_init=_normal(c.inner_dim**-0.5), **dense)
+        self.dropout = layers.Dropout(c.dropout_rate)
 
     def _split_heads(self, x: jax.Array) -> jax.Array:
         """[batch, len, heads * d_kv] -> [batch, heads, len, d_kv]."""
@@ -265,12 +267,10 @@ class T5FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         c = self.config
-        dense = dict(
-            use_bias=False, dtype=c.compute_dtype, param_dtype=jnp.float32, precision=c.precision
-        )
-        h = nn.Dense(c.d_ff, kernel_init=_normal(c.d_model**-0.5), name="wi", **dense)(x)
-        h = nn.Dropout(c.dropout_rate)(nn.relu(h), deterministic=deterministic)
-        return nn.Dense(c.d_model, kernel_init=_normal(c.d_ff**-0.5), name="wo", **dense)(h)
+        dense = dict(use_bias=False, dtype=c.compute_dtype, precision=c.precision)
+        h = layers.Dense(c.d_ff, kernel_init=_normal(c.d_model**-0.5), name="wi", **dense)(x)
+        h = layers.Dropout(c.dropout_rate)(nn.relu(h), deterministic=deterministic)
+        return layers.Dense(c.d_model, kernel_init=_normal(c.d_ff**-0.5), name="wo", **dense)(h)
 
 
 class T5Block(nn.Module):
@@ -288,7 +288,7 @@ class T5Block(nn.Module):
             self.cross_attention = T5Attention(c)
         self.mlp_norm = T5LayerNorm(c.layer_norm_epsilon)
         self.mlp = T5FeedForward(c)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = layers.Dropout(c.dropout_rate)
 
     def cross_key_value(self, memory: jax.Array) -> KeyValue:
         """memory: [batch, mem_len, d_model] -> cross-attention (keys, values), each
@@ -332,7 +332,7 @@ class T5Stack(nn.Module):
         block = nn.remat(T5Block, static_argnums=(6,)) if c.remat else T5Block
         self.blocks = [block(c, self.is_decoder) for _ in range(num_layers)]
         self.final_layer_norm = T5LayerNorm(c.layer_norm_epsilon)
-        self.dropout = nn.Dropout(c.dropout_rate)
+        self.dropout = layers.Dropout(c.dropout_rate)
 
     def cross_key_values(self, memory: jax.Array) -> tuple[KeyValue, ...]:
         """memory: [batch, mem_len, d_model] -> per decoder layer (keys, values)."""
@@ -405,15 +405,8 @@ class T5(nn.Module):
     def logits(self, states: jax.Array) -> jax.Array:
         """Decoder states [..., d_model] -> logits [..., vocab] float32 (tied embedding)."""
         c = self.config
-        scaled = (states * c.d_model**-0.5).astype(c.compute_dtype)
-        table = self.shared.embedding.astype(c.compute_dtype)
-        return jnp.einsum(
-            "...d,vd->...v",
-            scaled,
-            table,
-            preferred_element_type=jnp.float32,
-            precision=c.precision,
-        )
+        table = self.shared.embedding  # [vocab, d_model]
+        return layers.dense(states * c.d_model**-0.5, table.T, c.compute_dtype, c.precision)
 
     def decode(
         self,

@@ -19,7 +19,7 @@ LAYERS = {
         "remiz", "vocab", "sections", "phrases", "fileio", "errors", "trees", "diffusion",
         "inpainting", "sharding", "optim",
     ),
-    "models": ("t5", "vae", "dit", "conditioning", "ldm"),
+    "models": ("layers", "t5", "vae", "dit", "conditioning", "ldm"),
     "kernels": ("decode_cache", "decoding", "metrics"),
     "training": (
         "checkpoint_integrity",
