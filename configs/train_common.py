@@ -35,6 +35,10 @@ def default_train_config() -> ml_collections.ConfigDict:
     # complete on disk before the next step (at most ckpt_every steps lost).
     config.train.async_checkpoints = True
     config.train.seed = 42  # init and per-step keys
+    # Kind of per-step key the loss (dropout, noise) draws from: "threefry" (JAX's default; the
+    # fastest measured on CPU) | "rbg" | "unsafe_rbg" (XLA's RngBitGenerator: slower on CPU,
+    # the usual choice on TPU; docs/BENCHMARKS.md).
+    config.train.rng_impl = "threefry"
     config.train.best_metric = "eval/loss"  # eval metric choosing the best checkpoint ("" = off)
     config.train.best_mode = "min"  # "min" | "max"
     config.train.patience = 0  # evals without a min_delta improvement before stopping; 0 = off

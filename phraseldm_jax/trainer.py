@@ -155,6 +155,22 @@ def _namespaced(prefix: str, metrics: dict) -> dict:
     return {k if k.startswith(prefix) else prefix + k: v for k, v in metrics.items()}
 
 
+RNG_IMPLS = ("threefry", "rbg", "unsafe_rbg")
+
+
+def step_key(run_key: jax.Array, step: jax.Array, impl: str = "threefry") -> jax.Array:
+    """The key of one step: ``fold_in(run_key, step)`` (a raw threefry key, as checkpointed),
+    for "threefry" as it is, else seeding a key of ``impl`` from its bits (same run key and
+    step, same key)."""
+    key = jax.random.fold_in(run_key, step)
+    if impl == "threefry":
+        return key
+    if impl not in RNG_IMPLS:
+        raise ValueError(f"train.rng_impl must be one of {RNG_IMPLS}, got {impl!r}")
+    width = jax.random.key_data(jax.random.key(0, impl=impl)).shape[-1]
+    return jax.random.wrap_key_data(jax.random.bits(key, (width,), jnp.uint32), impl=impl)
+
+
 def make_train_step(
     task: Task,
     tx: optax.GradientTransformation,
@@ -162,6 +178,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     micro_sharding=None,
     skip_nonfinite: bool = False,
+    rng_impl: str = "threefry",
 ) -> Callable:
     """``train_step(state, batch, frozen) -> (state, metrics)``, pure, to be jitted once.
 
@@ -172,6 +189,9 @@ def make_train_step(
     ``grad_accum_steps > 1`` gradients, loss and task metrics are means over micro-batches.
     ``skip_nonfinite``: a step whose flag is false keeps params and optimiser state as they
     were (``step`` still advances, so the next step sees the next batch and key).
+    ``rng_impl``: the kind of key the loss gets (``step_key``): "threefry" (JAX's default),
+    or "rbg" / "unsafe_rbg", whose bulk random bits (dropout masks) come from XLA's
+    RngBitGenerator, several times cheaper than threefry's where it runs as plain ops (CPU).
     """
     grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
 
@@ -197,7 +217,7 @@ def make_train_step(
         return loss, aux, grads
 
     def train_step(state: TrainState, batch: dict, frozen: Any):
-        rng = jax.random.fold_in(state.rng, state.step)
+        rng = step_key(state.rng, state.step, rng_impl)
         loss, aux, grads = gradients(state.params, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -337,6 +357,8 @@ def check_train_config(tc, task: Task) -> None:
         )
     if guard.nonfinite_policy(tc) not in guard.NONFINITE_POLICIES:
         raise ValueError(f"train.nonfinite={tc.nonfinite!r}: expected 'stop' or 'skip'")
+    if tc.get("rng_impl", "threefry") not in RNG_IMPLS:
+        raise ValueError(f"train.rng_impl={tc.rng_impl!r}: expected one of {RNG_IMPLS}")
     if int(tc.get("max_skipped_steps", 10)) < 1:
         raise ValueError(f"train.max_skipped_steps={tc.max_skipped_steps} must be >= 1")
 
@@ -446,7 +468,15 @@ def _run_locked(config, workdir, task, make_train_iter, stop) -> TrainResult:
             micro_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
             skip = guard.nonfinite_policy(tc) == "skip"
             jitted = jax.jit(
-                make_train_step(task, tx, lr_fn, accum, micro_sh, skip_nonfinite=skip),
+                make_train_step(
+                    task,
+                    tx,
+                    lr_fn,
+                    accum,
+                    micro_sh,
+                    skip_nonfinite=skip,
+                    rng_impl=tc.get("rng_impl", "threefry"),
+                ),  # fmt: skip
                 in_shardings=(state_sh, batch_sh, frozen_sh),
                 out_shardings=(state_sh, sharding.replicated(mesh)),
                 donate_argnums=0,
