@@ -72,6 +72,11 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
     # padding, CPU runs), at a price: each batch's token-mean loss then weighs short records
     # more, e.g. many POP909 phrase batches then hold only [INST]/b-1/[SEP] lines.
     config.data.bucket_lengths = ()
+    # Random batches as above, each cut to the smallest of these lengths that holds its
+    # longest row: what the original does (it pads to the longest row), at a few compiled
+    # shapes; the same loss as padding to max_length, in a fraction of the time (POP909's
+    # median phrase is 22 tokens; docs/BENCHMARKS.md). () = pad every batch to max_length.
+    config.data.pad_lengths = (16, 32, 48, 64, 96, 128)
     config.data.read_threads = 2
     config.data.worker_count = 0  # Grain worker processes (0 = in the training process)
 
@@ -121,6 +126,7 @@ def _small(config: ml_collections.ConfigDict, stage: int) -> None:
     The learning rate is 10x the paper's: the run has ~2000 steps, not hundreds of thousands. Evaluation reads 4096 validation records, 2048 of them decoded."""
     config.model.t5 = t5_fields(128, 256, 32, 4, 2)
     config.data.bucket_lengths = (8, 16, 32, 48, 64, 128)
+    config.data.pad_lengths = ()
     config.optim.lr = 1e-3
     config.train.num_steps = 2000
     config.train.log_every = 25
@@ -137,6 +143,7 @@ def _tiny(config: ml_collections.ConfigDict, stage: int) -> None:
     config.data.data_dir = ""  # the synthetic corpus
     config.data.batch_size = 32
     config.data.bucket_lengths = (16, 64, 128)
+    config.data.pad_lengths = ()
     config.optim.lr = 1e-3
     config.train.num_steps = 300
     config.train.log_every = 10

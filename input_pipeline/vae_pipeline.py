@@ -11,7 +11,8 @@ bytes) becomes, as in the reference ``POP909Dataset`` (FACTS.md section 4):
   different amounts (every truncated record is counted and logged).
 
 Batches are numpy, with B = batch_size // process_count rows and L = ``max_length`` (or, with
-``bucket_lengths``, the smallest bucket that holds every row of the batch):
+``bucket_lengths``, the smallest bucket that holds every row of the batch; or, with
+``pad_lengths``, the smallest of those that holds the batch's longest row):
 
   input_ids          [B, L] int32    encoder input, ``[PAD]`` after its end
   attention_mask     [B, L] int32    1 on the encoder input
@@ -406,6 +407,24 @@ class _EncodeRecords:
         )
 
 
+class _TrimToLongest:
+    """Cuts a ``max_length`` batch to the smallest of ``lengths`` that holds its longest row
+    (input or target): the same rows and, as every cut cell is padding, the same loss."""
+
+    def __init__(self, lengths: Sequence[int]):
+        self._lengths = tuple(lengths)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        used = np.flatnonzero(
+            batch["attention_mask"].any(0) | (batch["labels"] != IGNORE_LABEL).any(0)
+        )
+        longest = int(used[-1]) + 1 if used.size else 1
+        length = self._lengths[bisect.bisect_left(self._lengths, longest)]
+        return {
+            key: value[:, :length] if value.ndim == 2 else value for key, value in batch.items()
+        }
+
+
 class _TakeRows:
     """Keeps rows [start, start + count) of every array of a global batch."""
 
@@ -438,6 +457,7 @@ def make_vae_dataset(
     n_query_tokens: int | None = None,
     span_mask: bool | None = None,
     bucket_lengths: Sequence[int] | None = None,
+    pad_lengths: Sequence[int] | None = None,
     process_index: int = 0,
     process_count: int = 1,
     read_threads: int = 2,
@@ -457,6 +477,10 @@ def make_vae_dataset(
       bucket_lengths: ascending lengths ending in ``max_length`` (e.g. (32, 64, 128)); each
         batch is padded to the smallest one that fits all its rows. None: every batch is
         ``max_length`` long.
+      pad_lengths: ascending lengths ending in ``max_length``; batches are drawn as without
+        buckets (a random sample), each cut to the smallest of these that holds its longest
+        row: the original's padding to the longest row, at a few compiled shapes. Not with
+        ``bucket_lengths``.
       process_index, process_count: this process and the number of processes.
       read_threads, prefetch_buffer_size: Grain ``ReadOptions`` of the per-record work.
       truncation_counter: pass one to read the counts (warnings are logged either way, at
@@ -480,6 +504,9 @@ def make_vae_dataset(
             f"batch_size {batch_size} must be a positive multiple of process_count {process_count}"
         )
     buckets = _check_bucket_lengths(bucket_lengths, max_length)
+    if pad_lengths is not None and len(buckets) > 1:
+        raise ValueError("pad_lengths and bucket_lengths cannot be combined: choose one")
+    trim = _check_bucket_lengths(pad_lengths, max_length) if pad_lengths else None
     if truncation_counter is None:  # still count, so that the warnings stay rate-limited
         truncation_counter = TruncationCounter()
     if len(source) == 0:
@@ -488,7 +515,7 @@ def make_vae_dataset(
     rows = batch_size // process_count
     # Fixed-length training can read a slice of the source per process; otherwise every
     # process reads everything and keeps its rows, so all processes agree on batch lengths.
-    slice_source = train and len(buckets) == 1 and process_count > 1
+    slice_source = train and len(buckets) == 1 and trim is None and process_count > 1
     ds = grain.MapDataset.source(source).map_with_index(_WithRecordIndex(len(source)))
     if slice_source:
         ds = ds[process_index::process_count]
@@ -517,6 +544,8 @@ def make_vae_dataset(
         drop_remainder=train,
         filler=filler_example(n_query_tokens),
     )
+    if trim is not None:
+        ds = ds.map(_TrimToLongest(trim))
     if process_count > 1 and not slice_source:
         ds = ds.map(_TakeRows(process_index * rows, rows))
     return ds
@@ -545,6 +574,7 @@ def pipeline_options(config: ml_collections.ConfigDict) -> dict:
         stage=int(dc.stage),
         max_length=int(dc.max_length),
         bucket_lengths=tuple(dc.bucket_lengths) if dc.bucket_lengths else None,
+        pad_lengths=tuple(dc.pad_lengths) if dc.get("pad_lengths") else None,
         seed=int(config.train.seed),
         read_threads=int(dc.read_threads),
     )

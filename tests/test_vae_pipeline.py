@@ -337,6 +337,44 @@ def test_bucketing_keeps_every_record_and_respects_bucket_lengths():
     assert sum(b["input_ids"].size for b in batches) < sum(b["input_ids"].size for b in fixed)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_pad_lengths_cut_each_random_batch_to_its_longest_row(train):
+    source = _corpus(60, max_notes=12)
+    lengths = (16, 24, 32, 40, 48, 64, 128)
+    kwargs = dict(stage=3, batch_size=8, seed=3, train=train)
+    fixed = _take(make_iterator(source, **kwargs), 7)
+    cut = _take(make_iterator(source, pad_lengths=lengths, **kwargs), 7)
+    seen = set()
+    for full, short in zip(fixed, cut):
+        length = short["input_ids"].shape[1]
+        seen.add(length)
+        assert length in lengths
+        # The same rows in the same order, and nothing but padding cut off.
+        np.testing.assert_array_equal(short["record_index"], full["record_index"])
+        np.testing.assert_array_equal(short["weight"], full["weight"])
+        for key in ("input_ids", "attention_mask", "decoder_input_ids", "labels"):
+            np.testing.assert_array_equal(short[key], full[key][:, :length])
+        assert not full["attention_mask"][:, length:].any()
+        assert (full["labels"][:, length:] == IGNORE_LABEL).all()
+        # ... and the smallest such length: a shorter one would cut a row.
+        needed = max(full["attention_mask"].sum(1).max(), (full["labels"] >= 0).sum(1).max())
+        assert max([0] + [n for n in lengths if n < length]) < needed <= length
+    assert len(seen) > 1
+
+
+def test_pad_lengths_shard_the_global_batch_over_processes():
+    source = _corpus(25)
+    kwargs = dict(stage=2, batch_size=8, seed=2, train=True, pad_lengths=(16, 32, 64, 128))
+    whole = _take(make_iterator(source, **kwargs), 6)
+    parts = [
+        _take(make_iterator(source, process_index=p, process_count=2, **kwargs), 6)
+        for p in range(2)
+    ]
+    for step, (a, b) in enumerate(zip(*parts)):
+        for key in whole[step]:
+            np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), whole[step][key])
+
+
 @pytest.mark.parametrize("bucket_lengths", [None, (32, 64, 128)])
 def test_process_shards_are_disjoint_and_cover_the_data_in_eval(bucket_lengths):
     source = _corpus(29)
@@ -406,6 +444,8 @@ def test_worker_processes_keep_every_record_and_restore():
         (dict(process_index=2, process_count=2), "process_index"),
         (dict(bucket_lengths=(64, 32, 128)), "ascending"),
         (dict(bucket_lengths=(32, 64)), "equal max_length"),
+        (dict(pad_lengths=(32, 64)), "equal max_length"),
+        (dict(pad_lengths=(64, 128), bucket_lengths=(64, 128)), "cannot be combined"),
         (dict(seed=-1), "seed"),
     ],
 )
