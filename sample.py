@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=("float32", "bfloat16"),
         help="matmul dtype of the DiT and the PhraseVAE decoder; bfloat16 is faster on "
-        "CPUs with AMX and on accelerators (tokens can differ where two logits nearly tie); "
-        "default: the checkpoints' (float32)",
+        "CPUs with AMX and on accelerators (decoded tokens can differ where two logits nearly "
+        "tie); default: the DiT in bfloat16 (PhraseFID as float32's), the decoder in float32",
     )
     p.add_argument(
         "--force_length",
@@ -405,7 +405,7 @@ def run(args, model, decoder, log=print) -> dict:
     from phraseldm_jax.sampler import LatentSampler, SamplerSettings
 
     ldm_cfg, params = model.config, model.params
-    ldm_cfg = ldm.with_compute_dtype(ldm_cfg, args.dtype)
+    ldm_cfg = ldm.with_compute_dtype(ldm_cfg, args.dtype or ldm.INFERENCE_DIT_DTYPE)
     settings = SamplerSettings(
         sampler=args.sampler,
         num_steps=args.steps,

@@ -31,6 +31,16 @@ from phraseldm_jax import optim, trainer, vocab
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 
 VAE_BATCH, LDM_BATCH = 16, 4
+# Our compute dtypes timed: float32, and bfloat16 matmuls with float32 weights, norms,
+# softmax and loss (docs/BF16.md: as stable in training).
+DTYPES = ("float32", "bfloat16")
+
+
+def _with_dtype(config, group: str, dtype: str):
+    """A copy of ``config`` with ``model.<group>.dtype`` set."""
+    config = copy.deepcopy(config)
+    config.model[group].dtype = dtype
+    return config
 
 
 def vae_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -74,7 +84,8 @@ def our_step(task, config, params, batch, devices=None) -> tuple[Any, dict[str, 
     replicated, gradients all-reduced by XLA, as the trainer's mesh does with ``fsdp=1``);
     None: one device."""
     tx, lr_fn = optim.make_optimizer(config.optim, config.train.num_steps)
-    step = jax.jit(trainer.make_train_step(task, tx, lr_fn), donate_argnums=0)
+    rng_impl = config.train.get("rng_impl", "threefry")
+    step = jax.jit(trainer.make_train_step(task, tx, lr_fn, rng_impl=rng_impl), donate_argnums=0)
     params = jax.tree.map(jnp.array, params)  # a copy: the step donates it
     state = trainer.TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -95,6 +106,7 @@ def our_step(task, config, params, batch, devices=None) -> tuple[Any, dict[str, 
         holder["state"], metrics = compiled(holder["state"], batch, None)
         return jax.block_until_ready(metrics)
 
+    call.compiled = compiled  # for cost analysis and profiles
     return call, {
         "side": f"ours (jax), {len(devices)} devices" if devices else "ours (jax)",
         "devices": len(devices) if devices else 1,
@@ -137,14 +149,20 @@ def split_devices(batch_size: int) -> list | None:
     return jax.local_devices()[:count] if count > 1 else None
 
 
-def compare(task, config, params, batch, torch_call, torch_last, repeats: int) -> list[dict]:
-    """Rows of ours (one device, and data-parallel over the local devices when they divide
-    the batch) and torch, taking turns call by call (``common.time_interleaved``). Every one
-    of ours runs the same number of steps from the same state, so their losses agree."""
-    ours = [our_step(task, config, params, batch)]
+def compare(make_task, configs, params, batch, torch_call, torch_last, repeats: int) -> list[dict]:
+    """Rows of ours (for each of ``configs``, {compute dtype: config}: one device, and
+    data-parallel over the local devices when they divide the batch) and torch, taking turns
+    call by call (``common.time_interleaved``). Every one of ours runs the same number of
+    steps from the same state, so their losses agree (within the compute dtype's rounding)."""
+    ours = []
     devices = split_devices(len(next(iter(batch.values()))))
-    if devices:
-        ours.append(our_step(task, config, params, batch, devices))
+    for dtype, config in configs.items():
+        task = make_task(config)
+        for devs in (None, devices) if devices else (None,):
+            call, fields = our_step(task, config, params, batch, devs)
+            if dtype != "float32":
+                fields["side"] += f", {dtype} compute"
+            ours.append((call, fields))
     calls = {fields["side"]: call for call, fields in ours}
     timed = common.time_interleaved({**calls, "torch": torch_call}, repeats)
     rows = []
@@ -172,6 +190,7 @@ def vae_case(opts: common.Options, repeats: int) -> list[dict]:
     config.model.latent_dim = pair.config.latent_dim
     config.train.init_from = ""
     config.train.eval_every = 0
+    configs = {dtype: _with_dtype(config, "t5", dtype) for dtype in DTYPES}
     batch_size, length = (4, 16) if opts.quick else (VAE_BATCH, int(config.data.max_length))
     batch = vae_batch(batch_size, length)
     kl_weight = float(config.train.kl_weight)
@@ -188,8 +207,7 @@ def vae_case(opts: common.Options, repeats: int) -> list[dict]:
         return recon + kl_weight * kl
 
     torch_call, torch_last = torch_step(copy.deepcopy(pair.torch_model), loss_fn, config)
-    task = vae_task.vae_task(config)
-    rows = compare(task, config, pair.params, batch, torch_call, torch_last, repeats)
+    rows = compare(vae_task.vae_task, configs, pair.params, batch, torch_call, torch_last, repeats)
     shape = f"{batch_size} x {length} tokens"
     return [
         {"model": "PhraseVAE stage 3", "batch": shape, "examples": batch_size, **r} for r in rows
@@ -210,6 +228,7 @@ def ldm_case(opts: common.Options, repeats: int) -> list[dict]:
         config, {"scale_factor": pair.config.scale_factor, "abs_p999": pair.config.clip_range}
     )
     config.train.eval_every = 0
+    configs = {dtype: _with_dtype(config, "dit", dtype) for dtype in DTYPES}
     length = pair.config.dit.sample_size
     batch_size = 2 if opts.quick else LDM_BATCH
     batch = ldm_batch(batch_size, length)
@@ -224,8 +243,9 @@ def ldm_case(opts: common.Options, repeats: int) -> list[dict]:
         return torch.nn.functional.mse_loss(eps, noise)
 
     torch_call, torch_last = torch_step(copy.deepcopy(pair.torch_model), loss_fn, config)
-    task = ldm_task.make_ldm_task(config)
-    rows = compare(task, config, pair.params, batch, torch_call, torch_last, repeats)
+    rows = compare(
+        ldm_task.make_ldm_task, configs, pair.params, batch, torch_call, torch_last, repeats
+    )
     shape = f"{batch_size} x {length} latents"
     return [
         {"model": "PhraseLDM (length-cond.)", "batch": shape, "examples": batch_size, **r}

@@ -292,6 +292,13 @@ def _path_names(path) -> list[str]:
     return [getattr(p, "key", str(p)) for p in path]
 
 
+# The DiT's matmul dtype at inference unless told otherwise (the public API's
+# ``predict_noise``, sample.py): bfloat16 keeps the songs' PhraseFID (within 2% of float32's,
+# against 8-15% between seeds) at about twice the speed on CPUs with AMX (docs/BENCHMARKS.md,
+# "Defaults of the public API"). Training keeps the config's dtype.
+INFERENCE_DIT_DTYPE = "bfloat16"
+
+
 def with_compute_dtype(config: PhraseLDMConfig, compute_dtype: str | None) -> PhraseLDMConfig:
     """``config`` with the DiT's matmuls in ``compute_dtype`` (None: unchanged); the
     counterpart of ``decoding.with_compute_dtype``."""

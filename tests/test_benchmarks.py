@@ -114,20 +114,54 @@ def test_vae_decoding_uniform_work(quick_result):
 
 def test_train_step_rows(quick_result):
     rows = quick_result["cases"]["train_step"]["rows"]
-    # quick batches: VAE 4, LDM 2 rows, data-parallel over as many of the 8 host devices
-    assert [r["side"] for r in rows] == [
-        "ours (jax)", "ours (jax), 4 devices", "torch",
-        "ours (jax)", "ours (jax), 2 devices", "torch",
+    # quick batches: VAE 4, LDM 2 rows, data-parallel over as many of the 8 host devices;
+    # float32, then bfloat16 compute
+    sides = lambda n: [  # noqa: E731
+        "ours (jax)", f"ours (jax), {n} devices", "ours (jax), bfloat16 compute",
+        f"ours (jax), {n} devices, bfloat16 compute", "torch",
     ]  # fmt: skip
+    assert [r["side"] for r in rows] == sides(4) + sides(2)
     for r in rows:
         assert positive(r["examples_per_s"]) and positive(r["loss"])
     for ours in (r for r in rows if r["side"] != "torch"):
         ref = next(r for r in rows if r["model"] == ours["model"] and r["side"] == "torch")
         assert positive(ours["peak_mib"]) and positive(ours["speedup_vs_torch"])
         assert ours["speedup_vs_torch"] == ref["median_s"] / ours["median_s"]
-    for single, split in (rows[0:2], rows[3:5]):  # the same step: the same loss
-        assert split["model"] == single["model"]
-        assert split["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    for model in (rows[0:4], rows[5:9]):  # the same step: the same loss
+        single = model[0]
+        assert all(r["model"] == single["model"] for r in model)
+        assert model[1]["loss"] == pytest.approx(single["loss"], rel=1e-4)
+        for bf16 in model[2:]:
+            assert bf16["loss"] == pytest.approx(single["loss"], rel=2e-2)
+
+
+def test_train_profile_reports_phases_and_mfu(tmp_path, capsys):
+    from benchmarks import op_profile, train_profile
+
+    out = tmp_path / "profile.json"
+    argv = ["--quick", "--repeats", "1", "--profile_steps", "1", "--settings", "float32,bfloat16"]
+    assert train_profile.main([*argv, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["setting"]) for r in rows] == [
+        ("vae", "float32"), ("vae", "bfloat16"), ("ldm", "float32"), ("ldm", "bfloat16")
+    ]  # fmt: skip
+    for r in rows:
+        assert positive(r["median_s"]) and positive(r["flops"]) and 0 < r["mfu"] < 1.5
+        phases = r["breakdown"]["phases"]
+        assert set(phases) == set(op_profile.PHASES)
+        assert positive(sum(phases["forward"].values()))
+        assert positive(sum(phases["backward"].values()))
+        total = sum(sum(p.values()) for p in phases.values())
+        assert total == pytest.approx(r["breakdown"]["op_time_s"], rel=1e-6)
+    assert "MFU" in capsys.readouterr().out
+
+
+def test_the_accelerator_script_says_when_there_is_none(capsys):
+    from benchmarks import accelerator
+
+    assert accelerator.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no GPU or TPU" in err[0]
 
 
 def test_matmul_peak_and_flops(quick_result):

@@ -282,7 +282,7 @@ def test_ldm_noise_predictions_and_ddpm_step_match(ldm_case, variant, size):
     assert config.cross_bias_mode == "additive" and not config.train_encoders
     x, t, kwargs = _ldm_inputs(case, 512 if size == "paper" else 19)
     eps_t = case.torch_model.predict_noise(x, t, **kwargs)
-    eps = case.loaded.predict_noise(x, t, **kwargs)
+    eps = case.loaded.predict_noise(x, t, **kwargs, dtype="float32")
     eps_diff = _max_diff(eps, eps_t)
 
     # One DDPM step of the original's scheduler (clip at clip_range) from each side's noise,

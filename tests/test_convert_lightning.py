@@ -143,7 +143,7 @@ def test_ldm_ckpt_maps_keys_as_the_original_and_matches_the_hub_folder(tmp_path)
     x = np.random.default_rng(0).normal(size=(1, 8, 12)).astype(np.float32)
     kwargs = dict(n_bars=[40], sections=["i-4 A-8 x-9"])
     np.testing.assert_allclose(
-        loaded.predict_noise(x, [300], **kwargs),
+        loaded.predict_noise(x, [300], **kwargs, dtype="float32"),
         torch_model.predict_noise(x, [300], **kwargs),
         atol=1e-5,
     )

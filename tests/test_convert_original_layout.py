@@ -411,3 +411,28 @@ def test_ckpt_without_torch_says_what_is_needed(tmp_path, monkeypatch):
     message = str(info.value)
     assert "stage3.ckpt" in message and "phraseldm-jax[torch]" in message
     assert "weights_only=False" in message and "trust_pickle" in message
+
+
+def test_predict_noise_runs_the_dit_in_bfloat16_unless_told_float32():
+    model = _ldm("seccond")
+    x = np.random.default_rng(1).normal(size=(2, 12, 8)).astype(np.float32)
+    kwargs = dict(n_bars=[20, 42], sections=["i-8 A-8 B-4", "x-9 X-1 A-32"])
+    default = model.predict_noise(x, [5, 700], **kwargs)
+    f32 = model.predict_noise(x, [5, 700], **kwargs, dtype="float32")
+    bf16 = model.predict_noise(x, [5, 700], **kwargs, dtype="bfloat16")
+    np.testing.assert_array_equal(default, bf16)
+    assert default.dtype == np.float32 and not np.array_equal(default, f32)
+    assert np.abs(default - f32).max() <= 0.05 * np.abs(f32).max()
+    with pytest.raises(ValueError, match="dtype"):
+        model.predict_noise(x, [5, 700], **kwargs, dtype="float16")
+
+
+def test_greedy_decode_keeps_float32_and_its_buffers_between_calls():
+    model = _vae()
+    latents = np.random.default_rng(2).normal(size=(5, model.config.latent_dim))
+    first = model.greedy_decode(latents, max_length=6)
+    np.testing.assert_array_equal(first, model.greedy_decode(latents, max_length=6))
+    np.testing.assert_array_equal(
+        first, model.greedy_decode(latents, max_length=6, dtype="float32")
+    )
+    assert model.greedy_decode(latents, max_length=6, dtype="bfloat16").shape == first.shape

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from phraseldm_jax import conditioning, decoding
+from phraseldm_jax import ldm as ldm_lib
 from phraseldm_jax import sections as sections_lib
 from phraseldm_jax import vae as vae_lib
 from phraseldm_jax.convert import lightning, original_layout
@@ -119,13 +120,26 @@ class LoadedPhraseVAE:
         return np.asarray(logits)
 
     def greedy_decode(
-        self, latents: Any, *, max_length: int = decoding.DEFAULT_MAX_LENGTH
+        self,
+        latents: Any,
+        *,
+        max_length: int = decoding.DEFAULT_MAX_LENGTH,
+        dtype: str | None = None,
     ) -> np.ndarray:
         """Greedy token ids int32 [N, max_length] (``[BOS]`` ... ``[EOS]`` ``[PAD]``...) of
-        latents [N, latent_dim], as Hugging Face ``generate(do_sample=False)``."""
+        latents [N, latent_dim], as Hugging Face ``generate(do_sample=False)``.
+
+        ``dtype``: the decoder's matmul dtype; None = the model's (float32). "bfloat16" is
+        faster on CPUs with AMX but changes tokens where two logits nearly tie, so it is not
+        the default. The cache buffers are kept between calls (faster repeated decodes)."""
         return decoding.greedy_decode(
-            self._device_params, self.config, latents, max_length=max_length
-        )
+            self._device_params, self.config, latents, max_length=max_length,
+            compute_dtype=dtype, buffers=self._buffers,
+        )  # fmt: skip
+
+    @functools.cached_property
+    def _buffers(self) -> decoding.CacheBuffers:
+        return decoding.CacheBuffers()
 
 
 class LoadedPhraseLDM:
@@ -164,7 +178,15 @@ class LoadedPhraseLDM:
             plans, sections_lib.DEFAULT_SECTION_VOCAB, self.config.max_sections
         )
 
-    def predict_noise(self, x: Any, t: Any, n_bars: Any = None, sections: Any = None) -> np.ndarray:
+    def predict_noise(
+        self,
+        x: Any,
+        t: Any,
+        n_bars: Any = None,
+        sections: Any = None,
+        *,
+        dtype: str = ldm_lib.INFERENCE_DIT_DTYPE,
+    ) -> np.ndarray:
         """Predicted noise [batch, length, 64] float32.
 
         Args:
@@ -173,8 +195,13 @@ class LoadedPhraseLDM:
           n_bars: [batch] ints (length-conditioned models only, else None).
           sections: plan strings, one per row, or (type_ids, length_ids) [batch, <= 30] int
             arrays in ``DEFAULT_SECTION_VOCAB`` ids (section-conditioned models only).
+          dtype: the DiT's matmul dtype. Default "bfloat16" (float32 weights, norms, softmax
+            and output): about 2x faster on CPUs with AMX, PhraseFID as float32's
+            (docs/BENCHMARKS.md); "float32" for the original's numbers to float32 round-off.
         """
-        cfg = self.config
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        cfg = ldm_lib.with_compute_dtype(self.config, dtype)
         x = np.asarray(x, np.float32)
         if x.ndim != 3 or x.shape[2] != cfg.dit.in_channels:
             raise ValueError(f"x must be [batch, length, {cfg.dit.in_channels}], got {x.shape}")

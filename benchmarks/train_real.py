@@ -1,0 +1,257 @@
+"""PhraseVAE stage-3 training on real POP909 phrases: examples per second, input pipeline
+included, ours against the original's recipe.
+
+  python -m benchmarks.train_real --data_dir /work/data/pop909
+
+Both sides train the paper-size model (``configs/vae_common.py``, stage 3, dropout 0.1, AdamW)
+from the same init on the train split of a dataset built by ``phraseldm_jax.cli.prepare``:
+
+- ours: the training input pipeline (``vae_pipeline.make_train_iter``: Grain, shuffling,
+  encoding, and the config's ``data.pad_lengths``: each random batch cut to the smallest
+  length that holds its longest row) feeding the trainer's jitted step
+  (``trainer.make_train_step``), in each setting of ``SETTINGS``;
+- the original: random batches of the same records, tokenised in the loop and padded to
+  their longest row (``tests/torch_training_reference.vae_batch``, the original's collate),
+  the reference model's loss, backward and ``torch.optim.AdamW``.
+
+Each side first runs ``--warmup`` steps (ours compiles one program per padded length there),
+then ``--steps`` timed steps, the input pipeline's time included. Phrases longer than 122
+tokens are cut on both sides (ours cuts rows at 128 tokens; the original does not, so its
+rows are cut the same way here; a few POP909 records). Prints a table and writes ``benchmarks/results/train_real.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+
+# Phrase tokens that fit ours' 128-token rows with the 4 queries, [BOS] and [EOS]; ours cuts
+# longer records there (a few in POP909), so the original's rows are cut the same way.
+MAX_TOKENS = 122
+SETTINGS = {
+    "float32": {"model.t5.dtype": "float32"},
+    "bfloat16": {"model.t5.dtype": "bfloat16"},
+}
+
+
+def paper_config(data_dir: str, batch_size: int, dtype: str, pad_lengths: Sequence[int]):
+    from configs import vae_common
+
+    config = vae_common.vae_config(3)
+    config.data.data_dir = data_dir
+    config.data.batch_size = batch_size
+    config.data.pad_lengths = tuple(pad_lengths)
+    config.model.t5.dtype = dtype
+    config.train.init_from = ""
+    return config
+
+
+def _text(record) -> str:
+    text = record["text"]
+    return text.decode() if isinstance(text, bytes) else text
+
+
+def ours(config, source, params, steps: int, warmup: int) -> dict[str, Any]:
+    """Examples/s of our pipeline + step over ``steps`` steps after ``warmup``."""
+    from input_pipeline import vae_pipeline
+    from phraseldm_jax import optim, trainer, vae_task
+
+    task = vae_task.vae_task(config)
+    tx, lr_fn = optim.make_optimizer(config.optim, int(config.train.num_steps))
+    step = jax.jit(
+        trainer.make_train_step(task, tx, lr_fn, rng_impl=config.train.rng_impl),
+        donate_argnums=0,
+    )
+    state = trainer.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=jax.tree.map(jnp.array, params),
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(0),
+    )
+    batches = vae_pipeline.make_iterator(
+        source,
+        batch_size=int(config.data.batch_size),
+        train=True,
+        **vae_pipeline.pipeline_options(config),
+    )
+    model_keys = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "weight")
+    lengths, losses = [], []
+
+    def run(n: int) -> None:
+        nonlocal state
+        for _ in range(n):
+            batch = next(batches)
+            lengths.append(batch["input_ids"].shape[1])
+            state, metrics = step(state, {k: batch[k] for k in model_keys}, None)
+            losses.append(metrics["train/loss"])
+        jax.block_until_ready(state.params)
+
+    run(warmup)
+    # Every padded length compiled before the clock starts (the trainer compiles each once).
+    sample = next(batches)
+    for length in config.data.pad_lengths or (config.data.max_length,):
+        fake = _at_length(sample, int(length))
+        jax.block_until_ready(
+            step(jax.tree.map(jnp.copy, state), {k: fake[k] for k in model_keys}, None)
+        )
+    lengths.clear()
+    start = time.perf_counter()
+    run(steps)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "examples_per_s": steps * int(config.data.batch_size) / seconds,
+        "mean_padded_length": float(np.mean(lengths)),
+        "final_loss": float(losses[-1]),
+    }
+
+
+def _at_length(batch: dict, length: int) -> dict:
+    """``batch`` cut or padded (pad ids, mask 0, ignored labels) to ``length`` tokens."""
+    from phraseldm_jax.vocab import IGNORE_LABEL, PAD_ID
+
+    fill = {"attention_mask": 0, "labels": IGNORE_LABEL}
+    out = {}
+    for key, value in batch.items():
+        if value.ndim == 2:
+            extra = max(0, length - value.shape[1])
+            value = np.pad(value[:, :length], ((0, 0), (0, extra)),
+                           constant_values=fill.get(key, PAD_ID))  # fmt: skip
+        out[key] = value
+    return out
+
+
+def original(config, source, torch_model, steps: int, warmup: int, seed: int = 0) -> dict:
+    """Examples/s of the original's recipe over ``steps`` steps after ``warmup``."""
+    import torch
+
+    _, ttr, _ = _torch_modules()
+    torch_model.train()  # dropout 0.1, as the original trains
+    opt = ttr.vae_optimizer(3, torch_model)
+    rng = np.random.default_rng(seed)
+    batch_size = int(config.data.batch_size)
+    lengths, losses = [], []
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            rows = rng.choice(len(source), batch_size, replace=False)
+            texts = [" ".join(_text(source[int(i)]).split()[:MAX_TOKENS]) for i in rows]
+            batch = ttr.vae_batch(texts, 3)
+            lengths.append(batch["input_ids"].shape[1])
+            noise = torch.randn(batch_size, torch_model.latent_dim)
+            opt.zero_grad(set_to_none=True)
+            loss = torch_model.training_loss(batch, noise)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+
+    run(warmup)
+    lengths.clear()
+    start = time.perf_counter()
+    run(steps)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "examples_per_s": steps * batch_size / seconds,
+        "mean_padded_length": float(np.mean(lengths)),
+        "final_loss": losses[-1],
+    }
+
+
+def _torch_modules():
+    from benchmarks import train_parity
+
+    return train_parity._modules()
+
+
+def parse_args(argv):
+    from configs import paths
+
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_real",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data_dir", default=os.path.join(paths.DATA_ROOT, "pop909"),
+                   help="prepared POP909 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--batch_size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per side (%(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (%(default)s)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="ours: %(default)s")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--out", default="", help="JSON (default benchmarks/results/train_real.json)")
+    args = p.parse_args(argv)
+    args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    if not os.path.isdir(args.data_dir):
+        p.error(
+            f"--data_dir {args.data_dir}: no such folder (build it with phraseldm_jax.cli.prepare)"
+        )
+    settings = [s for s in args.settings.split(",") if s]
+    if any(s not in SETTINGS for s in settings):
+        p.error(f"--settings: expected some of {list(SETTINGS)}")
+    return args, settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from benchmarks import train_parity
+    from input_pipeline import splits
+
+    args, settings = parse_args(argv)
+    common.set_torch_threads(args.threads)
+    from configs import vae_common
+
+    base = paper_config(args.data_dir, args.batch_size, "float32", ())
+    pad_lengths = tuple(vae_common.vae_config(3).data.pad_lengths)  # the paper config's
+    source = splits.open_split(base.data, "train")
+    setup = train_parity.vae_setup(3, "paper", seed=0, dropout_rate=0.1)
+    rows = []
+    for setting in settings:
+        print(f"== ours, {setting} ...", file=sys.stderr, flush=True)
+        dtype = SETTINGS[setting]["model.t5.dtype"]
+        config = paper_config(args.data_dir, args.batch_size, dtype, pad_lengths)
+        rows.append(
+            {
+                "side": f"ours, {setting}",
+                **ours(config, source, setup.params, args.steps, args.warmup),
+            }
+        )
+    print("== the original's recipe (torch, float32) ...", file=sys.stderr, flush=True)
+    rows.append(
+        {
+            "side": "original (torch float32)",
+            **original(base, source, setup.torch_model, args.steps, args.warmup),
+        }
+    )
+    ref = rows[-1]["examples_per_s"]
+    for row in rows:
+        row["x_original"] = row["examples_per_s"] / ref
+    table = common.markdown_table(
+        ["side", "examples/s", "x original", "mean padded length", "s", "steps", "last loss"],
+        [[r["side"], r["examples_per_s"], r["x_original"], r["mean_padded_length"], r["seconds"],
+          r["steps"], r["final_loss"]] for r in rows],
+    )  # fmt: skip
+    out = args.out or os.path.join(common.REPO_ROOT, "benchmarks", "results", "train_real.json")
+    common.write_json(out, {
+        "command": "python -m benchmarks.train_real " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": common.machine_info(), "records": len(source), "batch_size": args.batch_size,
+        "pad_lengths": pad_lengths, "rows": rows, "table": table,
+    })  # fmt: skip
+    print(table)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
