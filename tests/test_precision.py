@@ -142,7 +142,7 @@ def test_vae_bf16_step_keeps_norms_logits_loss_and_latent_head_float32():
     assert out_dtypes(eqns, "rsqrt") == {F32}  # RMS and layer norms
     assert out_dtypes(eqns, "exp") == {F32}  # softmax, log-softmax, KL
     assert out_dtypes(eqns, "log") <= {F32}
-    logits = (batch, length, t5.vocab_size)
+    logits = (batch * length, t5.vocab_size)  # layers.dense: one 2-D matmul
     assert out_dtypes(eqns, "dot_general", logits) == {F32}  # bf16 operands, float32 logits
     assert out_dtypes(eqns, "add", (batch, length, t5.d_model)) == {F32}  # residual stream
     # bool: the step's all-finite flag (the non-finite guard).
