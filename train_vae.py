@@ -21,6 +21,7 @@ from phraseldm_jax.cli import common
 from phraseldm_jax.errors import (
     CheckpointDamagedError,
     CheckpointSaveError,
+    ConfigError,
     NonFiniteError,
     WorkdirBusyError,
 )
@@ -41,7 +42,7 @@ def main(argv):
     workdir = fileio.user_path(FLAGS.workdir)
     try:
         summary = vae_task.train_and_test(FLAGS.config, workdir)
-    except (CheckpointDamagedError, WorkdirBusyError) as error:  # one line, not a traceback
+    except (ConfigError, CheckpointDamagedError, WorkdirBusyError) as error:  # one line
         raise SystemExit(common.usage_error("train_vae.py", str(error))) from None
     except (NonFiniteError, CheckpointSaveError) as error:  # diverged / disk full: one line, exit 1
         print(f"train_vae.py: error: {error}", file=sys.stderr)

@@ -345,7 +345,7 @@ def vae_sides(
     """PhraseVAE stage ``stage``: the paper recipe's optimiser and KL weight, ``size``'s T5."""
     import torch
 
-    from input_pipeline import records, vae_pipeline
+    from input_pipeline import batching, records, vae_pipeline
     from input_pipeline.span_infill import example_rng
     from phraseldm_jax import optim, trainer, vae_task
     from phraseldm_jax import vae as vae_lib
@@ -382,7 +382,7 @@ def vae_sides(
             )
             for i in rows
         ]  # fmt: skip
-        ours = vae_pipeline.pad_batch(
+        ours = batching.pad_batch(
             examples,
             length=int(config.data.max_length),
             batch_size=batch_size,

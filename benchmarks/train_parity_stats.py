@@ -178,7 +178,7 @@ def _torch_runs(model, make_optimizer, clip: float, losses: Sequence, seeds) -> 
 def _vae_batches(stage: int, setup, songs, batch_size: int, steps: int, data_seed: int):
     """(ours, torch's) batch lists: the same POP909 lines per step (ours padded to one width,
     so one compile)."""
-    from input_pipeline import records, vae_pipeline
+    from input_pipeline import batching, records, vae_pipeline
 
     _, ttr, _ = tp._modules()
     lines = [line["text"] for song in songs for line in records.phrase_lines(song)]
@@ -199,7 +199,7 @@ def _vae_batches(stage: int, setup, songs, batch_size: int, steps: int, data_see
     width = max(len(e["input_ids"]) for batch in encoded for e in batch)
     width = min(max_length, -(-width // 8) * 8)
     ours = [
-        vae_pipeline.pad_batch(
+        batching.pad_batch(
             b, length=width, batch_size=batch_size, filler=vae_pipeline.filler_example(q)
         )
         for b in encoded

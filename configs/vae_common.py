@@ -77,6 +77,14 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
     # shapes; the same loss as padding to max_length, in a fraction of the time (POP909's
     # median phrase is 22 tokens; docs/BENCHMARKS.md). () = pad every batch to max_length.
     config.data.pad_lengths = (16, 32, 48, 64, 96, 128)
+    # Training batches with several phrases per row, each phrase seeing only itself (segment
+    # masks): the same phrases and the same loss in about a third of the tokens
+    # (docs/BENCHMARKS.md). Rows of max_length tokens (pad_lengths then apply to evaluation
+    # only), at most pack_max_segments phrases a row, the row count a multiple of
+    # pack_row_multiple and of the devices. Not with bucket_lengths. Evaluation is unpacked.
+    config.data.pack_phrases = True
+    config.data.pack_max_segments = 16
+    config.data.pack_row_multiple = 4
     config.data.read_threads = 2
     config.data.worker_count = 0  # Grain worker processes (0 = in the training process)
 
@@ -123,10 +131,10 @@ def vae_config(stage: int, size: str = "") -> ml_collections.ConfigDict:
 
 def _small(config: ml_collections.ConfigDict, stage: int) -> None:
     """About 0.9M parameters for a CPU run on full POP909 (its step time: docs/ARCHITECTURE.md).
-    The learning rate is 10x the paper's: the run has ~2000 steps, not hundreds of thousands. Evaluation reads 4096 validation records, 2048 of them decoded."""
+    The learning rate is 10x the paper's: the run has ~2000 steps, not hundreds of thousands.
+    Batches are packed (as the paper size). Evaluation reads 4096 validation records, 2048 of
+    them decoded."""
     config.model.t5 = t5_fields(128, 256, 32, 4, 2)
-    config.data.bucket_lengths = (8, 16, 32, 48, 64, 128)
-    config.data.pad_lengths = ()
     config.optim.lr = 1e-3
     config.train.num_steps = 2000
     config.train.log_every = 25
@@ -144,6 +152,7 @@ def _tiny(config: ml_collections.ConfigDict, stage: int) -> None:
     config.data.batch_size = 32
     config.data.bucket_lengths = (16, 64, 128)
     config.data.pad_lengths = ()
+    config.data.pack_phrases = False
     config.optim.lr = 1e-3
     config.train.num_steps = 300
     config.train.log_every = 10

@@ -6,6 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+class ConfigError(ValueError):
+    """A config field is wrong or two fields conflict, found before training starts; the
+    message (one line) names the field(s)."""
+
+
 class CheckpointDamagedError(FileNotFoundError):
     """Every checkpoint step a load or resume could use is damaged; the message (one line)
     names each step and why."""

@@ -345,6 +345,7 @@ class T5Stack(nn.Module):
         memory: jax.Array | None = None,
         memory_mask: jax.Array | None = None,
         deterministic: bool = True,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Full-sequence pass.
 
@@ -353,18 +354,32 @@ class T5Stack(nn.Module):
           mask: encoder only, [batch, len], nonzero for real tokens (keys elsewhere are hidden).
           memory: decoder only, [batch, mem_len, d_model] encoder states / VAE memory.
           memory_mask: decoder only, [batch, mem_len] or None (all visible).
+          segment_ids: packed rows (several sequences one after another in a row): [batch, len]
+            segment of each token, 1, 2, ... (0: padding). A token then sees only the tokens
+            of its own segment; in the decoder, also only the memory positions whose
+            ``memory_mask`` holds its segment id. Offsets between tokens of one segment are
+            those of the sequence alone, so the relative position bias is unchanged.
         Returns:
           [batch, len, d_model] float32 states after the final norm (and dropout).
         """
         length = embeddings.shape[1]
         positions = jnp.arange(length)
         bias = self.relative_position_bias(positions, positions)
+        if segment_ids is not None:
+            same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         if self.is_decoder:
             self_mask = (positions[None, :] <= positions[:, None])[None, None]
             cross_kvs = self.cross_key_values(memory)
             cross_mask = None if memory_mask is None else memory_mask[:, None, None, :] != 0
+            if segment_ids is not None:
+                self_mask = self_mask & same_segment
+                if memory_mask is None:
+                    raise ValueError("packed decoder rows need memory_mask with segment ids")
+                cross_mask = segment_ids[:, None, :, None] == memory_mask[:, None, None, :]
         else:
             self_mask = None if mask is None else mask[:, None, None, :] != 0
+            if segment_ids is not None:
+                self_mask = same_segment & (segment_ids[:, None, None, :] != 0)
             cross_kvs = [None] * len(self.blocks)
             cross_mask = None
         h = self.dropout(embeddings, deterministic=deterministic)
@@ -395,11 +410,19 @@ class T5(nn.Module):
         self.decoder = T5Stack(c, is_decoder=True)
 
     def encode(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, deterministic=True
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        deterministic=True,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """input_ids, attention_mask: [batch, len] -> states [batch, len, d_model] float32."""
+        """input_ids, attention_mask: [batch, len] -> states [batch, len, d_model] float32.
+        ``segment_ids`` [batch, len]: packed rows (``T5Stack``)."""
         return self.encoder(
-            self.shared(input_ids), mask=attention_mask, deterministic=deterministic
+            self.shared(input_ids),
+            mask=attention_mask,
+            deterministic=deterministic,
+            segment_ids=segment_ids,
         )
 
     def logits(self, states: jax.Array) -> jax.Array:
@@ -414,13 +437,16 @@ class T5(nn.Module):
         memory: jax.Array,
         memory_mask: jax.Array | None = None,
         deterministic: bool = True,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Teacher-forced decoder.
 
         Args:
           decoder_input_ids: [batch, len] int32, starting with the start token.
           memory: [batch, mem_len, d_model].
-          memory_mask: [batch, mem_len] (nonzero = visible) or None.
+          memory_mask: [batch, mem_len] (nonzero = visible) or None; with ``segment_ids``,
+            the segment id of each memory position.
+          segment_ids: [batch, len] packed rows (``T5Stack``), or None.
         Returns:
           logits [batch, len, vocab] float32.
         """
@@ -429,6 +455,7 @@ class T5(nn.Module):
             memory=memory,
             memory_mask=memory_mask,
             deterministic=deterministic,
+            segment_ids=segment_ids,
         )
         return self.logits(states)
 

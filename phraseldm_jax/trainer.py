@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from phraseldm_jax import (
     checkpointing,
+    errors,
     fileio,
     interrupts,
     metric_writer,
@@ -94,6 +95,8 @@ class TrainResult:
     stopped_early: bool
     interrupted: str | None = None
     checkpoint: str | None = None
+    # Step programs compiled in this run, one per batch shape (more: the loop recompiles).
+    compiled_step_programs: int | None = None
 
     @property
     def exit_status(self) -> int:
@@ -350,17 +353,17 @@ def select_best(progress: dict, step: int, eval_metrics: dict, train_config) -> 
 
 
 def check_train_config(tc, task: Task) -> None:
-    """Config mistakes found before the workdir is touched (each a ValueError naming the field)."""
+    """Config mistakes found before the workdir is touched (each a ``ConfigError`` naming the field)."""
     if tc.patience > 0 and (task.evaluate is None or not tc.best_metric or not tc.eval_every):
-        raise ValueError(
+        raise errors.ConfigError(
             "train.patience > 0 needs task.evaluate, train.eval_every > 0 and train.best_metric"
         )
     if guard.nonfinite_policy(tc) not in guard.NONFINITE_POLICIES:
-        raise ValueError(f"train.nonfinite={tc.nonfinite!r}: expected 'stop' or 'skip'")
+        raise errors.ConfigError(f"train.nonfinite={tc.nonfinite!r}: expected 'stop' or 'skip'")
     if tc.get("rng_impl", "threefry") not in RNG_IMPLS:
-        raise ValueError(f"train.rng_impl={tc.rng_impl!r}: expected one of {RNG_IMPLS}")
+        raise errors.ConfigError(f"train.rng_impl={tc.rng_impl!r}: expected one of {RNG_IMPLS}")
     if int(tc.get("max_skipped_steps", 10)) < 1:
-        raise ValueError(f"train.max_skipped_steps={tc.max_skipped_steps} must be >= 1")
+        raise errors.ConfigError(f"train.max_skipped_steps={tc.max_skipped_steps} must be >= 1")
 
 
 def checkpoint_label(store: checkpointing.CheckpointStore) -> str | None:
@@ -590,4 +593,5 @@ def train_loop(parts: LoopParts, state: TrainState, progress: dict) -> TrainResu
         stopped_early=bool(progress["stopped_early"]),
         interrupted=interrupted,
         checkpoint=checkpoint_label(store),
+        compiled_step_programs=getattr(parts.step_fn, "_cache_size", lambda: None)(),
     )

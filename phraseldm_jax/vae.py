@@ -12,13 +12,17 @@
 The latent head (LayerNorm, proj, post_proj) always runs in float32, whatever the T5 dtype.
 Sampling z draws from the ``"latent"`` rng stream; dropout from ``"dropout"``.
 
+Packed rows (``PackedRows``): several phrases one after another in each encoder and decoder row,
+each phrase seeing only itself (segment masks in ``t5.T5Stack``), its query states gathered at
+its own offset; the same losses as one phrase per row, without the padding.
+
 Losses are pure functions: ``cross_entropy_loss`` and ``kl_divergence``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -67,6 +71,27 @@ class PhraseVAEConfig:
     def memory_width(self) -> int:
         """Size of the concatenated query states / post_proj output (2048 at the paper's size)."""
         return self.n_query_tokens * self.t5.d_model
+
+
+class PackedRows(NamedTuple):
+    """Where the phrases of packed rows are (built by ``input_pipeline.vae_pipeline``).
+
+    Attributes:
+      segment_ids: [rows, len] encoder tokens: 1, 2, ... the phrase's slot in its row + 1,
+        0 padding; phrases are numbered from 1 without gaps.
+      decoder_segment_ids: [rows, len] the same for the decoder input and labels.
+      query_starts: [rows, slots] encoder offset of each slot's first query token (any value
+        for an empty slot); slots = the most phrases a row may hold.
+    """
+
+    segment_ids: jax.Array
+    decoder_segment_ids: jax.Array
+    query_starts: jax.Array
+
+    def slot_mask(self) -> jax.Array:
+        """[rows, slots] bool: the slot holds a phrase."""
+        slots = jnp.arange(1, self.query_starts.shape[1] + 1)
+        return slots[None, :] <= jnp.max(self.segment_ids, axis=1, keepdims=True)
 
 
 def _torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
@@ -132,9 +157,12 @@ class PhraseVAE(nn.Module):
         """
         self._require_head("encode", "vae")
         states = self._query_states(input_ids, attention_mask, deterministic)
-        flat = states.reshape(states.shape[0], -1).astype(jnp.float32)  # position-major
-        stats = self.proj(self.layer_norm(flat))
-        return stats[:, : self.config.latent_dim], stats[:, self.config.latent_dim :]
+        return self._posterior(states.reshape(states.shape[0], -1))
+
+    def _posterior(self, flat_queries: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[..., n_query_tokens * d_model] position-major query states -> mean, logvar."""
+        stats = self.proj(self.layer_norm(flat_queries.astype(jnp.float32)))
+        return stats[..., : self.config.latent_dim], stats[..., self.config.latent_dim :]
 
     def sample_latent(
         self, mean: jax.Array, logvar: jax.Array, noise: jax.Array | None = None
@@ -210,6 +238,7 @@ class PhraseVAE(nn.Module):
         deterministic: bool = True,
         sample_latent: bool | None = None,
         latent_noise: jax.Array | None = None,
+        packing: PackedRows | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Training forward.
 
@@ -217,12 +246,18 @@ class PhraseVAE(nn.Module):
           sample_latent: head vae, draw z from the posterior (default: ``not deterministic``; the
             original also samples in validation, pass True to reproduce that).
           latent_noise: head vae, [batch, latent_dim] eps of the sample instead of the
-            ``"latent"`` rng stream (implies sampling).
+            ``"latent"`` rng stream (implies sampling); packed: [rows, slots, latent_dim].
+          packing: the rows hold several phrases each (``PackedRows``).
         Returns:
-          logits [batch, dec_len, vocab] float32, and (mean, logvar) for head vae, else None.
+          logits [batch, dec_len, vocab] float32, and (mean, logvar) for head vae, else None;
+          packed: (mean, logvar) [rows, slots, latent_dim], empty slots included.
         """
         if sample_latent is None:
             sample_latent = latent_noise is not None or not deterministic
+        if packing is not None:
+            return self._packed_forward(
+                input_ids, decoder_input_ids, packing, deterministic, sample_latent, latent_noise
+            )
         if self.config.head != "vae":
             memory, memory_mask = self.encode_memory(input_ids, attention_mask, deterministic)
             return self.decode_logits(memory, decoder_input_ids, memory_mask, deterministic), None
@@ -232,6 +267,43 @@ class PhraseVAE(nn.Module):
             self.latent_to_memory(z), decoder_input_ids, None, deterministic
         )
         return logits, (mean, logvar)
+
+    def _packed_forward(
+        self, input_ids, decoder_input_ids, packing, deterministic, sample_latent, latent_noise
+    ):
+        """``__call__`` on packed rows: each slot's memory is built from its own phrase."""
+        c = self.config
+        segments = packing.segment_ids
+        states = self.t5.encode(input_ids, segments != 0, deterministic, segment_ids=segments)
+        posterior = None
+        if c.head == "full_sequence":
+            memory, memory_segments = states, segments
+        else:
+            rows, slots = packing.query_starts.shape
+            n = c.n_query_tokens
+            offsets = packing.query_starts[:, :, None] + jnp.arange(n)
+            queries = jnp.take_along_axis(
+                states, offsets.reshape(rows, slots * n, 1), axis=1
+            )  # [rows, slots * n, d_model], slot-major
+            memory = queries
+            if c.head == "vae":
+                mean, logvar = self._posterior(queries.reshape(rows, slots, n * c.t5.d_model))
+                z = mean
+                if sample_latent:
+                    z = self.sample_latent(mean, logvar, latent_noise)
+                memory = self.latent_to_memory(z.reshape(rows * slots, c.latent_dim))
+                memory = memory.reshape(rows, slots * n, c.t5.d_model)
+                posterior = (mean, logvar)
+            slot_ids = jnp.where(packing.slot_mask(), jnp.arange(1, slots + 1), 0)
+            memory_segments = jnp.repeat(slot_ids, n, axis=1)
+        logits = self.t5.decode(
+            decoder_input_ids,
+            memory,
+            memory_segments,
+            deterministic,
+            segment_ids=packing.decoder_segment_ids,
+        )
+        return logits, posterior
 
 
 def init_params(rng: jax.Array, config: PhraseVAEConfig) -> dict[str, Any]:
@@ -256,14 +328,21 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(valid), 1)
 
 
-def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+def kl_divergence(
+    mean: jax.Array, logvar: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
     """Per-dimension KL(q(z|x) || N(0, I)) as the reference: the KL summed over the latent dims,
     averaged over the batch, divided by latent_dim (float32 scalar; weight 0.01 is the caller's).
 
     Args:
-      mean, logvar: [batch, latent_dim].
+      mean, logvar: [..., latent_dim].
+      weights: [...] 1 for a phrase, 0 for an empty slot of packed rows (None: all phrases).
     """
     mean = mean.astype(jnp.float32)
     logvar = logvar.astype(jnp.float32)
     per_sample = -0.5 * jnp.sum(1.0 + logvar - jnp.square(mean) - jnp.exp(logvar), axis=-1)
-    return jnp.mean(per_sample) / mean.shape[-1]
+    if weights is None:
+        return jnp.mean(per_sample) / mean.shape[-1]
+    weights = weights.astype(jnp.float32)
+    total = jnp.sum(jnp.where(weights > 0, weights * per_sample, 0.0))
+    return total / jnp.maximum(jnp.sum(weights), 1.0) / mean.shape[-1]

@@ -34,6 +34,7 @@ from input_pipeline import splits, vae_pipeline
 from phraseldm_jax import (
     checkpointing,
     decoding,
+    errors,
     fileio,
     metric_writer,
     sharding,
@@ -104,13 +105,33 @@ def token_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(hits) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def latent_statistics(mean: jax.Array) -> dict[str, jax.Array]:
-    """Mean, unbiased std and max |.| over all elements of the posterior means [B, D]."""
+def latent_statistics(mean: jax.Array, phrases: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Mean, unbiased std and max |.| over all elements of the posterior means [..., D]
+    (with ``phrases`` [...] bool, of the phrases' means only: packed rows' empty slots out)."""
+    if phrases is None:
+        return {
+            "latent_mean": jnp.mean(mean),
+            "latent_std": jnp.std(mean, ddof=1),
+            "latent_max_abs": jnp.max(jnp.abs(mean)),
+        }
+    keep = jnp.broadcast_to(phrases[..., None], mean.shape)
+    count = jnp.sum(keep)
+    average = jnp.sum(jnp.where(keep, mean, 0.0)) / jnp.maximum(count, 1)
+    squares = jnp.sum(jnp.where(keep, jnp.square(mean - average), 0.0))
     return {
-        "latent_mean": jnp.mean(mean),
-        "latent_std": jnp.std(mean, ddof=1),
-        "latent_max_abs": jnp.max(jnp.abs(mean)),
+        "latent_mean": average,
+        "latent_std": jnp.sqrt(squares / jnp.maximum(count - 1, 1)),
+        "latent_max_abs": jnp.max(jnp.where(keep, jnp.abs(mean), 0.0)),
     }
+
+
+def packed_rows(batch: Mapping[str, jax.Array]) -> vae_lib.PackedRows | None:
+    """The ``PackedRows`` of a packed training batch (``data.pack_phrases``), else None."""
+    if "segment_ids" not in batch:
+        return None
+    return vae_lib.PackedRows(
+        batch["segment_ids"], batch["decoder_segment_ids"], batch["query_starts"]
+    )
 
 
 def vae_loss(
@@ -126,8 +147,10 @@ def vae_loss(
     """The training loss of one batch and its metrics, with the randomness passed in.
 
     ``train`` turns dropout on (rng ``"dropout"`` in ``rngs``) and, in stage 3, samples z
-    (rng ``"latent"``, or the given ``latent_noise`` [batch, latent_dim] eps).
+    (rng ``"latent"``, or the given ``latent_noise`` [batch, latent_dim] eps). A packed batch
+    (``packed_rows``) gives the same loss as its phrases one per row.
     """
+    packing = packed_rows(batch)
     logits, posterior = model.apply(
         {"params": params},
         batch["input_ids"],
@@ -136,6 +159,7 @@ def vae_loss(
         deterministic=not train,
         sample_latent=train,
         latent_noise=latent_noise,
+        packing=packing,
         rngs=rngs,
     )
     recon = vae_lib.cross_entropy_loss(logits, batch["labels"])
@@ -143,9 +167,11 @@ def vae_loss(
     loss = recon
     if posterior is not None:
         mean, logvar = posterior
-        kl = vae_lib.kl_divergence(mean, logvar)
+        weights = None if packing is None else batch["weight"]
+        kl = vae_lib.kl_divergence(mean, logvar, weights)
         loss = recon + kl_weight * kl
-        metrics.update(kl=kl, **latent_statistics(mean))
+        phrases = None if packing is None else batch["weight"] > 0
+        metrics.update(kl=kl, **latent_statistics(mean, phrases))
     return loss, metrics
 
 
@@ -441,10 +467,33 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         return _train_and_test(config, workdir)
 
 
+def check_data_config(dc: ml_collections.ConfigDict) -> None:
+    """Mistakes in ``config.data`` found before the workdir is touched (``ConfigError``)."""
+    if dc.get("pack_phrases", False):
+        if len(dc.bucket_lengths or ()) > 1:
+            raise errors.ConfigError(
+                "data.pack_phrases and data.bucket_lengths cannot be combined: set "
+                "--config.data.bucket_lengths=() or --config.data.pack_phrases=False"
+            )
+        if int(dc.pack_max_segments) < 1 or int(dc.pack_row_multiple) < 1:
+            raise errors.ConfigError(
+                f"data.pack_max_segments={dc.pack_max_segments} and data.pack_row_multiple="
+                f"{dc.pack_row_multiple} must be >= 1"
+            )
+    if dc.get("pad_lengths") and len(dc.bucket_lengths or ()) > 1:
+        raise errors.ConfigError("data.pad_lengths and data.bucket_lengths cannot be combined")
+
+
 def _train_and_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    check_data_config(config.data)
     first_step = max(checkpointing.finished_steps(workdir, "latest"), default=0)
     start = time.time()
-    result = trainer.run(config, workdir, vae_task(config), vae_pipeline.make_train_iter(config))
+    result = trainer.run(
+        config,
+        workdir,
+        vae_task(config),
+        vae_pipeline.make_train_iter(config, jax.local_device_count()),
+    )
     train_seconds = time.time() - start
     if result.interrupted:
         return {

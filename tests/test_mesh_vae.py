@@ -269,8 +269,8 @@ def test_two_processes_train_evaluate_and_test_like_one(tmp_path, monkeypatch):
     reference = str(tmp_path / "one_process")
     make_train_iter = vae_pipeline.make_train_iter
 
-    def both_shards(config):
-        factory = make_train_iter(config)
+    def both_shards(config, local_devices=1):
+        factory = make_train_iter(config, local_devices)
         return lambda index, count: mh.ProcessShards([factory(i, 2) for i in range(2)])
 
     monkeypatch.setattr(vae_pipeline, "make_train_iter", both_shards)

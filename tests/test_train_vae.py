@@ -76,8 +76,8 @@ def test_crashed_run_resumes_to_the_same_parameters(straight, tmp_path, monkeypa
     workdir = str(tmp_path / "crashed")
     make_train_iter = vae_pipeline.make_train_iter
 
-    def crashing(config):
-        factory = make_train_iter(config)
+    def crashing(config, local_devices=1):
+        factory = make_train_iter(config, local_devices)
         return lambda index, count: toy_training.CrashingIterator(factory(index, count), 4)
 
     monkeypatch.setattr(vae_pipeline, "make_train_iter", crashing)

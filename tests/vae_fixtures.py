@@ -32,9 +32,10 @@ def tiny_config(stage: int = 3, **train):
 
 def train(workdir, config) -> trainer.TrainResult:
     """``trainer.run`` of the VAE task of ``config`` in ``workdir``."""
-    return trainer.run(
-        config, str(workdir), vae_task.vae_task(config), vae_pipeline.make_train_iter(config)
-    )
+    import jax
+
+    batches = vae_pipeline.make_train_iter(config, jax.local_device_count())
+    return trainer.run(config, str(workdir), vae_task.vae_task(config), batches)
 
 
 def train_tiny_vae(workdir, steps: int = 6, **overrides) -> str:
