@@ -7,15 +7,16 @@ Both sides train the paper-size model (``configs/vae_common.py``, stage 3, dropo
 from the same init on the train split of a dataset built by ``phraseldm_jax.cli.prepare``:
 
 - ours: the training input pipeline (``vae_pipeline.make_train_iter``: Grain, shuffling,
-  encoding, and the config's ``data.pad_lengths``: each random batch cut to the smallest
-  length that holds its longest row) feeding the trainer's jitted step
-  (``trainer.make_train_step``), in each setting of ``SETTINGS``;
+  encoding and batching: each random batch cut to the smallest ``data.pad_lengths`` length
+  that holds its longest row, or with ``data.pack_phrases`` its phrases packed several to a
+  row) feeding the trainer's jitted step (``trainer.make_train_step``), in each setting of
+  ``SETTINGS``;
 - the original: random batches of the same records, tokenised in the loop and padded to
   their longest row (``tests/torch_training_reference.vae_batch``, the original's collate),
   the reference model's loss, backward and ``torch.optim.AdamW``.
 
-Each side first runs ``--warmup`` steps (ours compiles one program per padded length there),
-then ``--steps`` timed steps, the input pipeline's time included. Phrases longer than 122
+Ours first compiles every batch shape of the run (a first pass of the same seeded pipeline
+finds them); each side runs ``--warmup`` steps, then ``--steps`` timed steps, the input pipeline's time included. Phrases longer than 122
 tokens are cut on both sides (ours cuts rows at 128 tokens; the original does not, so its
 rows are cut the same way here; a few POP909 records). Prints a table and writes ``benchmarks/results/train_real.json``.
 """
