@@ -20,7 +20,6 @@ Writes ``benchmarks/results/train_profile.json`` and prints the tables docs/BENC
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -43,45 +42,30 @@ MODELS = ("vae", "ldm")
 
 def _configure(config, model: str, overrides: dict[str, Any]):
     """``config`` with ``overrides``; ``model.dtype`` lands in the model's own group."""
-    for key, value in overrides.items():
-        if key == "model.dtype":
-            group = config.model.t5 if model == "vae" else config.model.dit
-            group.dtype = value
-        else:
-            section, name = key.split(".")
-            config[section][name] = value
+    overrides = dict(overrides)
+    if "model.dtype" in overrides:
+        group = "model.t5" if model == "vae" else "model.dit"
+        overrides[f"{group}.dtype"] = overrides.pop("model.dtype")
+    config.update_from_flattened_dict(overrides)
     return config
 
 
 def vae_setup(quick: bool):
     """(task, config, params, batch) of the stage-3 PhraseVAE step at the paper's size."""
-    from configs import vae_common
     from phraseldm_jax import vae_task
 
     pair = common.vae_pair(quick)
-    config = vae_common.vae_config(3)
-    for name, value in dataclasses.asdict(pair.config.t5).items():
-        config.model.t5[name] = value
-    config.model.latent_dim = pair.config.latent_dim
-    config.train.init_from = ""
-    config.train.eval_every = 0
+    config = train_step.vae_train_config(pair)
     size = (4, 16) if quick else (train_step.VAE_BATCH, int(config.data.max_length))
     return vae_task.vae_task, config, pair.params, train_step.vae_batch(*size)
 
 
 def ldm_setup(quick: bool):
     """(task factory, config, params, batch) of the length-conditioned PhraseLDM step."""
-    from configs import ldm_common
     from phraseldm_jax import ldm_task
 
     pair = common.ldm_pair(quick)
-    config = ldm_common.ldm_config(True, False, "")
-    for name, value in dataclasses.asdict(pair.config.dit).items():
-        config.model.dit[name] = value
-    ldm_task.resolve_config(
-        config, {"scale_factor": pair.config.scale_factor, "abs_p999": pair.config.clip_range}
-    )
-    config.train.eval_every = 0
+    config = train_step.ldm_train_config(pair)
     batch = train_step.ldm_batch(2 if quick else train_step.LDM_BATCH, pair.config.dit.sample_size)
     return ldm_task.make_ldm_task, config, pair.params, batch
 

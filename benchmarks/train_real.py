@@ -56,12 +56,7 @@ def paper_config(data_dir: str, batch_size: int, setting: dict | None = None):
     config.data.data_dir = data_dir
     config.data.batch_size = batch_size
     config.train.init_from = ""
-    for key, value in (setting or {}).items():
-        section, *path, field = key.split(".")
-        node = config[section]
-        for name in path:
-            node = node[name]
-        node[field] = value
+    config.update_from_flattened_dict(setting or {})
     return config
 
 

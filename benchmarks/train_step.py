@@ -177,19 +177,41 @@ def compare(make_task, configs, params, batch, torch_call, torch_last, repeats: 
     return rows
 
 
-def vae_case(opts: common.Options, repeats: int) -> list[dict]:
-    import torch
-
+def vae_train_config(pair):
+    """The stage-3 training config of a ``common.vae_pair`` model (its sizes, no eval)."""
     from configs import vae_common
-    from phraseldm_jax import vae_task
 
-    pair = common.vae_pair(opts.quick)
     config = vae_common.vae_config(3)
     for name, value in dataclasses.asdict(pair.config.t5).items():
         config.model.t5[name] = value
     config.model.latent_dim = pair.config.latent_dim
     config.train.init_from = ""
     config.train.eval_every = 0
+    return config
+
+
+def ldm_train_config(pair):
+    """The length-conditioned training config of a ``common.ldm_pair`` model (no eval)."""
+    from configs import ldm_common
+    from phraseldm_jax import ldm_task
+
+    config = ldm_common.ldm_config(True, False, "")
+    for name, value in dataclasses.asdict(pair.config.dit).items():
+        config.model.dit[name] = value
+    ldm_task.resolve_config(
+        config, {"scale_factor": pair.config.scale_factor, "abs_p999": pair.config.clip_range}
+    )
+    config.train.eval_every = 0
+    return config
+
+
+def vae_case(opts: common.Options, repeats: int) -> list[dict]:
+    import torch
+
+    from phraseldm_jax import vae_task
+
+    pair = common.vae_pair(opts.quick)
+    config = vae_train_config(pair)
     configs = {dtype: _with_dtype(config, "t5", dtype) for dtype in DTYPES}
     batch_size, length = (4, 16) if opts.quick else (VAE_BATCH, int(config.data.max_length))
     batch = vae_batch(batch_size, length)
@@ -217,17 +239,10 @@ def vae_case(opts: common.Options, repeats: int) -> list[dict]:
 def ldm_case(opts: common.Options, repeats: int) -> list[dict]:
     import torch
 
-    from configs import ldm_common
     from phraseldm_jax import ldm_task
 
     pair = common.ldm_pair(opts.quick)
-    config = ldm_common.ldm_config(True, False, "")
-    for name, value in dataclasses.asdict(pair.config.dit).items():
-        config.model.dit[name] = value
-    ldm_task.resolve_config(
-        config, {"scale_factor": pair.config.scale_factor, "abs_p999": pair.config.clip_range}
-    )
-    config.train.eval_every = 0
+    config = ldm_train_config(pair)
     configs = {dtype: _with_dtype(config, "dit", dtype) for dtype in DTYPES}
     length = pair.config.dit.sample_size
     batch_size = 2 if opts.quick else LDM_BATCH
