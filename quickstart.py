@@ -111,7 +111,7 @@ def stage_commands(config, workdir: str) -> list[tuple[str, list[str]]]:
                 ["sample.py", "--out", os.path.join(workdir, "pop909_songs")]
                 + ["--num_songs", str(sample.shipped_songs), "--bars", str(sample.bars)]
                 + ["--sampler", sample.sampler, "--steps", str(sample.steps)]
-                + ["--seed", str(sample.seed), "--force_length"],
+                + ["--seed", str(sample.seed)],
             )
         )
     return stages

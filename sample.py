@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         "where the model ended the song earlier (those bars are usually silent); off: a song "
         "ends at its first [SEP] as in the original",
     )
+    p.add_argument(
+        "--reading",
+        choices=("slots", "tokens"),  # songs.READINGS (not imported before the flags parse)
+        default="slots",
+        help="how decoded latents make bars: slots = by position (4 latents a bar) up to the "
+        "model's first [SEP], so a bar-line latent decoded as a phrase does not merge two bars; "
+        "tokens = one bar per b-1 token before the first [SEP], as the original reads songs",
+    )
     edit_flags.add_flags(p)
     common.add_verbose_flag(p)
     return p
@@ -444,7 +452,7 @@ def run(args, model, decoder, log=print) -> dict:
         else:  # the kept slots get the encoded latents back: they decode as the VAE's
             latents = edit.restore(sampler(params, key, cond, *edit.batch(n)))
         t1 = time.perf_counter()
-        decoded = songs.decode_songs(decoder, latents, forced_bars)
+        decoded = songs.decode_songs(decoder, latents, forced_bars, reading=args.reading)
         t2 = time.perf_counter()
         for offset, song in enumerate(decoded):
             name = f"song_{start + offset:03d}"
@@ -493,6 +501,7 @@ def run(args, model, decoder, log=print) -> dict:
             "clip": settings.clip,
             "target_bars": target,
             "force_length": args.force_length,
+            "reading": args.reading,
             "plan": args.section_plan.to_string() if args.section_plan else None,
             "key": args.key,
             "semitones": args.semitones,

@@ -59,6 +59,7 @@ def ldm_config(
     config.model.scale_factor = 0.0  # <= 0: stats.json scale_factor of the latent dataset
     config.model.clip_range = 0.0  # raw-space x0 clip; <= 0: stats.json abs_p999
     config.model.diffusion_steps = 1000
+    config.model.prediction_type = "epsilon"  # the reference; v_prediction: see docs/LDM_LENGTH.md
 
     config.data = ml_collections.ConfigDict()
     config.data.latent_dir = paths.POP909_LATENTS  # latent_records dataset folder
@@ -109,19 +110,28 @@ def ldm_config(
     config.eval.batch_size = 32  # validation-loss batch
     config.eval.loss_batches = -1  # validation batches per evaluation (-1 = all, 0 = none)
     config.eval.max_decode_length = 128
+    config.eval.reading = "tokens"  # songs.READINGS: tokens (SPEC section 7) | slots (by position)
 
     if size == "small":
-        _small(config, sec_control)
+        _small(config, length_control or sec_control, sec_control)
     elif size == "tiny":
         _tiny(config, sec_control)
     return config
 
 
-def _small(config: ml_collections.ConfigDict, sec_control: bool) -> None:
-    """1.3M parameters for CPU runs on POP909 latents (step time: docs/ARCHITECTURE.md)."""
+def _small(config: ml_collections.ConfigDict, conditional: bool, sec_control: bool) -> None:
+    """1.3M parameters for CPU runs on POP909 latents (step time: docs/ARCHITECTURE.md), with
+    the recipe of the shipped models (docs/LDM_LENGTH.md): v-prediction, which is what makes
+    this model learn where a song ends, lr 1e-3 with warm-up and cosine decay, and condition
+    dropout for classifier-free guidance."""
     config.model.dit = _dit(128, 4, 4, 2, 64, 128 if sec_control else 64)
+    config.model.prediction_type = "v_prediction"
     config.data.batch_size = 8
-    config.train.num_steps = 1500
+    config.optim.lr = 1e-3
+    config.optim.schedule = "warmup_cosine"
+    config.optim.warmup_steps = 300
+    config.train.cond_dropout = 0.1 if conditional else 0.0
+    config.train.num_steps = 3500
     config.train.log_every = 25
     config.train.eval_every = 500
     config.train.ckpt_every = 250

@@ -34,6 +34,8 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 # Where the stored x0 clip value applies (sampler.model_space_clip); a model carries its own.
 CLIP_MODES = ("scaled", "reference", "none")
 SPACINGS = ("leading", "trailing", "linspace")
+# What the denoiser outputs: the noise (the reference), or v = sqrt(abar) eps - sqrt(1-abar) x0.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class NoiseSchedule(NamedTuple):
@@ -108,6 +110,29 @@ def add_noise(
     abar = jnp.asarray(schedule.alphas_cumprod).astype(x0.dtype)[jnp.asarray(t)]
     abar = _per_example(abar, x0)
     return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+
+def v_target(
+    x0: jax.Array, noise: jax.Array, t: jax.Array, *, schedule: NoiseSchedule | None = None
+) -> jax.Array:
+    """The velocity v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x0 (diffusers'
+    ``get_velocity``), the training target of a ``v_prediction`` model."""
+    schedule = schedule or reference_schedule()
+    abar = _per_example(jnp.asarray(schedule.alphas_cumprod).astype(x0.dtype)[t], x0)
+    return abar**0.5 * noise - (1 - abar) ** 0.5 * x0
+
+
+def eps_from_v(
+    x_t: jax.Array, v: jax.Array, t: jax.Array, *, schedule: NoiseSchedule | None = None
+) -> jax.Array:
+    """The noise a predicted velocity implies: sqrt(abar_t) * v + sqrt(1 - abar_t) * x_t.
+
+    Exact at every t, also where abar_t is about 0: there the noise is x_t itself and the
+    model's output decides x0 = sqrt(abar_t) * x_t - sqrt(1 - abar_t) * v, which an epsilon
+    model can only reach through an error of its output divided by sqrt(abar_t)."""
+    schedule = schedule or reference_schedule()
+    abar = _per_example(jnp.asarray(schedule.alphas_cumprod).astype(x_t.dtype)[t], x_t)
+    return abar**0.5 * v + (1 - abar) ** 0.5 * x_t
 
 
 def _clip(x0: jax.Array, clip_range: float | None) -> jax.Array:

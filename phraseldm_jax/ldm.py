@@ -70,6 +70,7 @@ class PhraseLDMConfig:
     scale_factor: float = REFERENCE_SCALE_FACTOR
     clip_range: float = REFERENCE_CLIP_RANGE
     diffusion_steps: int = 1000
+    prediction_type: str = "epsilon"  # the reference; "v_prediction": the DiT outputs v
 
     def __post_init__(self):
         dit = self.dit.to_dict() if hasattr(self.dit, "to_dict") else self.dit  # ConfigDict
@@ -81,6 +82,11 @@ class PhraseLDMConfig:
             raise ValueError(
                 f"PhraseLDMConfig.cross_bias_mode must be one of {CROSS_BIAS_MODES}, "
                 f"got {self.cross_bias_mode!r}"
+            )
+        if self.prediction_type not in diffusion.PREDICTION_TYPES:
+            raise ValueError(
+                f"PhraseLDMConfig.prediction_type must be one of {diffusion.PREDICTION_TYPES}, "
+                f"got {self.prediction_type!r}"
             )
         if self.length_bucket_size < 1:
             raise ValueError(f"length_bucket_size must be >= 1, got {self.length_bucket_size}")
@@ -236,7 +242,7 @@ class PhraseLDM(nn.Module):
         return states if self.config.train_encoders else jax.lax.stop_gradient(states)
 
 
-def predict_noise(
+def model_output(
     params: Any,
     config: PhraseLDMConfig,
     x: jax.Array,
@@ -247,9 +253,10 @@ def predict_noise(
     deterministic: bool = True,
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
-    """``PhraseLDM.predict_noise`` of ``cond`` (the conditions the model takes; songs with
-    ``has_plan == 0`` get a null section condition) and per-song ``null`` conditions: the one
-    model call of training and sampling. ``deterministic=False`` needs ``dropout_rng``."""
+    """The DiT's output (the noise, or v for ``prediction_type`` "v_prediction") for ``cond``
+    (the conditions the model takes; songs with ``has_plan == 0`` get a null section
+    condition) and per-song ``null`` conditions: the one model call of training and sampling.
+    ``deterministic=False`` needs ``dropout_rng``."""
     n_bars = cond.n_bars if config.length_control else None
     section_ids = (cond.type_ids, cond.length_ids) if config.sec_control else None
     has_plan = cond.has_plan if config.sec_control else None
@@ -265,6 +272,27 @@ def predict_noise(
         null=null,
         rngs=rngs,
     )
+
+
+def predict_noise(
+    params: Any,
+    config: PhraseLDMConfig,
+    x: jax.Array,
+    t: jax.Array,
+    cond: Conditions,
+    null: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """The predicted noise of ``model_output`` (converted from v for a v_prediction model),
+    what every sampler steps with."""
+    out = model_output(
+        params, config, x, t, cond, null, deterministic=deterministic, dropout_rng=dropout_rng
+    )
+    if config.prediction_type == "v_prediction":
+        out = diffusion.eps_from_v(x, out, jnp.broadcast_to(jnp.asarray(t), x.shape[:1]))
+    return out
 
 
 def example_inputs(config: PhraseLDMConfig, batch: int = 1, length: int | None = None) -> dict:

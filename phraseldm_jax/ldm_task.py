@@ -44,6 +44,7 @@ from phraseldm_jax import (
     trainer,
 )
 from phraseldm_jax import songs as song_lib
+from phraseldm_jax.errors import ConfigError
 from phraseldm_jax.metrics import ldm as ldm_metrics
 from phraseldm_jax.phrases import SLOTS_PER_BAR
 from phraseldm_jax.vae_inference import SONG_DECODE_BATCH, PhraseVAEModel
@@ -102,7 +103,7 @@ def diffusion_loss(
     cond_dropout: float = 0.0,
     mask_padding: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Epsilon-prediction MSE of one ``ldm_pipeline`` batch, its randomness drawn from ``rng``
+    """The diffusion MSE (``noise_prediction_loss``) of one ``ldm_pipeline`` batch, its randomness drawn from ``rng``
     (timesteps, noise, condition dropout, the section encoder's dropout): see
     ``noise_prediction_loss``."""
     x0 = batch["latents"]
@@ -138,7 +139,8 @@ def noise_prediction_loss(
     dropout_rng: jax.Array | None = None,
     mask_padding: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Epsilon-prediction MSE at given timesteps ``t`` [batch] and noise [batch, length, C].
+    """The MSE of the model's prediction (the noise, or v for ``prediction_type``
+    "v_prediction") at given timesteps ``t`` [batch] and noise [batch, length, C].
 
     x_t = add_noise(x0, noise, t); ``null`` [batch] bool gives those songs null conditions;
     ``deterministic=False`` runs the section encoder's dropout (``dropout_rng``).
@@ -148,7 +150,7 @@ def noise_prediction_loss(
     x0 = batch["latents"]
     batch_size, length, _ = x0.shape
     x_t = diffusion.add_noise(x0, noise, t)
-    eps = ldm.predict_noise(
+    prediction = ldm.model_output(
         params,
         config,
         x_t,
@@ -158,7 +160,10 @@ def noise_prediction_loss(
         deterministic=deterministic,
         dropout_rng=dropout_rng,
     )
-    sq = jnp.mean(jnp.square(eps - noise), axis=-1)  # [batch, length]
+    target = noise
+    if config.prediction_type == "v_prediction":
+        target = diffusion.v_target(x0, noise, t)
+    sq = jnp.mean(jnp.square(prediction - target), axis=-1)  # [batch, length]
     song = jnp.arange(length)[None, :] < SLOTS_PER_BAR * batch["n_bars"][:, None]
     n_song = jnp.sum(song, axis=-1)
     per_song = {
@@ -365,7 +370,9 @@ class Evaluator:
         latents = latent_sampler(params, key, self.cond)
         sampled = time.perf_counter()
         compile_seconds = latent_sampler.compile_seconds
-        generated = song_lib.decode_songs(self.decoder, latents)
+        generated = song_lib.decode_songs(
+            self.decoder, latents, reading=ec.get("reading", "tokens")
+        )
         decoded = time.perf_counter()
         out = song_metrics(
             generated,
@@ -401,9 +408,9 @@ def make_ldm_task(config: ml_collections.ConfigDict, decoder=None) -> trainer.Ta
     ldm_cfg = ldm_config(config)
     cond_dropout = float(config.train.cond_dropout)
     if not 0.0 <= cond_dropout < 1.0:
-        raise ValueError(f"train.cond_dropout must be in [0, 1), got {cond_dropout}")
+        raise ConfigError(f"train.cond_dropout must be in [0, 1), got {cond_dropout}")
     if cond_dropout > 0 and not (ldm_cfg.length_control or ldm_cfg.sec_control):
-        raise ValueError("train.cond_dropout > 0 needs a conditional model")
+        raise ConfigError("train.cond_dropout > 0 needs a conditional model")
 
     def init_params(rng, example_batch):
         del example_batch  # the parameters do not depend on the song length

@@ -60,10 +60,11 @@ VAE_FOLDER = "vae"
 TOKENIZER_FOLDER = "tokenizer"
 LDM_FOLDERS = {"lencond": "ldm_lencond", "seccond": "ldm_seccond"}
 LDM_KINDS = {"lencond": "length-conditioned", "seccond": "section-conditioned"}
-LDM_FLAGS = {"lencond": (True, False), "seccond": (False, True)}  # length_control, sec_control
+# (length_control, sec_control) each kind may have; seccond as the original's, or with sections only
+LDM_FLAGS = {"lencond": ((True, False),), "seccond": ((True, True), (False, True))}
 # Fields of an LDM entry that repeat its config.json, for readers (checked at load).
 CONFIG_FIELDS = ("scale_factor", "clip_range", "length_control", "sec_control")
-CONVENTION_FIELDS = ("clip", "cross_bias_mode")
+CONVENTION_FIELDS = ("clip", "cross_bias_mode", "prediction_type")
 ENV_HINT = "PHRASELDM_PRETRAINED"
 
 

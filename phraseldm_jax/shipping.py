@@ -169,7 +169,7 @@ def _load_ldm(name: str, workdir: str, which: str):
     if not isinstance(model, api.LoadedPhraseLDM):
         raise ShipError(f"{workdir} holds a PhraseVAE, not a {shipped.LDM_KINDS[name]} PhraseLDM")
     flags = (model.config.length_control, model.config.sec_control)
-    if flags != shipped.LDM_FLAGS[name]:
+    if flags not in shipped.LDM_FLAGS[name]:
         raise ShipError(
             f"{workdir} is not a {shipped.LDM_KINDS[name]} PhraseLDM (length_control="
             f"{flags[0]}, sec_control={flags[1]})"
@@ -190,6 +190,7 @@ def _ldm_entry(name: str, model, config: Mapping, stats: Mapping | None, vae_fol
         "clip_range": cfg.clip_range,
         "clip": model.clip,
         "cross_bias_mode": cfg.cross_bias_mode,
+        "prediction_type": cfg.prediction_type,
         "section_vocab": "section_vocab.json" if cfg.sec_control else None,
         "slot_order": slot_order,
         "reference_padding": bool(data.get("reference_padding", False)),
@@ -230,6 +231,7 @@ def write_shipped(
     ldm_workdirs: Mapping[str, str],
     *,
     which: str = "best",
+    vae_which: str | None = None,
     max_mb: float = DEFAULT_MAX_MB,
     overwrite: bool = False,
     allow_vae_mismatch: bool = False,
@@ -239,7 +241,8 @@ def write_shipped(
     log: Callable[[str], Any] = print,
 ) -> dict:
     """Writes ``out`` (module docstring) and returns its manifest. ``ldm_workdirs``:
-    ``{"lencond": workdir, "seccond": workdir}`` (lencond required). Raises ShipError."""
+    ``{"lencond": workdir, "seccond": workdir}`` (lencond required); ``which`` picks the LDMs'
+    checkpoints, ``vae_which`` the PhraseVAE's (None: ``which``). Raises ShipError."""
     out = fileio.user_path(out)
     if "lencond" not in ldm_workdirs or set(ldm_workdirs) - set(shipped.LDM_FOLDERS):
         raise ShipError(f"ldm_workdirs needs 'lencond' (and may have 'seccond'): {ldm_workdirs}")
@@ -252,7 +255,7 @@ def write_shipped(
         with open(os.path.join(out, shipped.MODEL_CARD), encoding="utf-8") as f:
             readme_text = f.read()
         log(f"keeping the model card {os.path.join(out, shipped.MODEL_CARD)}")
-    vae = api.load_workdir(vae_workdir, which=which)
+    vae = api.load_workdir(vae_workdir, which=vae_which or which)
     if not isinstance(vae, api.LoadedPhraseVAE):
         raise ShipError(f"{vae_workdir} holds a PhraseLDM, not a PhraseVAE")
     if vae.config.head != "vae":

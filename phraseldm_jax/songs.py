@@ -30,6 +30,9 @@ from phraseldm_jax.phrases import SLOTS_PER_BAR
 from phraseldm_jax.remiz import MultiTrack
 from phraseldm_jax.vocab import SEP_ID
 
+# How decoded slots become a song (``song_from_slots``): "tokens" = SPEC section 7.
+READINGS = ("tokens", "slots")
+
 REFERENCE_TEMPO = 90.0  # bpm the original writes into its MIDI files
 POSITIONS_PER_BEAT = 12  # remi-z's onset and duration unit: a 48th note
 
@@ -142,12 +145,31 @@ def forced_length_text(slots: Sequence[str], n_bars: int) -> str:
     return " ".join(tokens)
 
 
-def song_from_slots(slots: Sequence[str], n_bars: int | None = None) -> Song:
-    """Decoded slot strings -> Song (SPEC section 7: the bars before the first ``[SEP]``).
-    ``n_bars`` forces the length instead (``forced_length_text``)."""
+def slot_bars(slots: Sequence[str]) -> int:
+    """Bars of the song layout before its first slot that starts with ``[SEP]``, the bar that
+    slot is in included when the song already started it (bars by position: a bar is its
+    ``SLOTS_PER_BAR`` slots, whatever its bar slot decoded to)."""
+    first = [phrases.as_text(t).split()[:1] == [phrases.SEP_TOKEN] for t in slots]
+    end = first.index(True) if any(first) else len(slots)
+    return -(-end // SLOTS_PER_BAR)
+
+
+def song_from_slots(
+    slots: Sequence[str], n_bars: int | None = None, *, reading: str = "tokens"
+) -> Song:
+    """Decoded slot strings -> Song. ``reading`` "tokens" is SPEC section 7's: the tokens
+    before the first ``[SEP]``, one bar per ``b-1``; "slots" reads the same song by position
+    (``forced_length_text`` up to the model's own end, ``slot_bars``), so a bar slot the
+    model decoded as a phrase does not merge two bars. ``n_bars`` forces the length."""
+    if reading not in READINGS:
+        raise ValueError(f"unknown song reading {reading!r}; use one of {READINGS}")
     natural = phrases.slots_to_remiz(slots)
+    if n_bars is None and reading == "slots":
+        n_bars = slot_bars(slots)
     text = natural if n_bars is None else forced_length_text(slots, n_bars)
     bars_before_sep = natural.split().count(phrases.BAR_TOKEN)
+    if reading == "slots":
+        bars_before_sep = slot_bars(slots)
     cleanup = NoteCleanup()
     try:
         multitrack, error = phrases.remiz_to_multitrack(text), ""
@@ -172,9 +194,11 @@ def decode_songs(
     n_bars: int | None = None,
     *,
     past_the_end: bool = False,
+    reading: str = "tokens",
 ) -> list[Song]:
     """Raw latents [num_songs, length, 64] -> Songs (the slots decoded in one call);
-    ``n_bars`` forces every song's length (``song_from_slots``).
+    ``n_bars`` forces every song's length, ``reading`` says how slots make bars
+    (``song_from_slots``).
 
     A natural-length song stops at its first ``[SEP]``, so when the decoder reports first
     tokens (``PhraseVAEModel.first_tokens``, one greedy step per slot) the slots after a song's
@@ -202,7 +226,10 @@ def decode_songs(
         for i, end in enumerate(ends):
             if end < length:
                 texts[i * length + end] = phrases.SEP_TOKEN
-    return [song_from_slots(texts[i * length : (i + 1) * length], n_bars) for i in range(n)]
+    return [
+        song_from_slots(texts[i * length : (i + 1) * length], n_bars, reading=reading)
+        for i in range(n)
+    ]
 
 
 def transpose(multitrack: MultiTrack, semitones: int) -> None:

@@ -15,6 +15,7 @@ import sys
 import jax
 import ldm_fixtures
 import numpy as np
+import pytest
 
 import sample
 from phraseldm_jax import checkpointing, ldm, ldm_task, pretrained, sections, vae, vae_inference
@@ -244,9 +245,19 @@ def test_the_clip_mode_travels_with_an_exported_model(tmp_path):
     ours = dataclasses.replace(config, cross_bias_mode="mask")
     api.export_phrase_ldm(api.LoadedPhraseLDM(ours, params, clip="scaled"), tmp_path / "ours")
     written = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert written[ldm_weights.CONVENTIONS_KEY] == {"clip": "scaled", "cross_bias_mode": "mask"}
+    assert written[ldm_weights.CONVENTIONS_KEY] == {
+        "clip": "scaled",
+        "cross_bias_mode": "mask",
+        "prediction_type": "epsilon",
+    }
     back = api.import_phrase_ldm(tmp_path / "ours")
     assert back.clip == "scaled" and back.config.cross_bias_mode == "mask"
+    assert back.config.prediction_type == "epsilon"
+    v_model = dataclasses.replace(ours, prediction_type="v_prediction")
+    api.export_phrase_ldm(api.LoadedPhraseLDM(v_model, params, clip="scaled"), tmp_path / "v")
+    assert api.import_phrase_ldm(tmp_path / "v").config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="v_prediction PhraseLDM needs its conventions"):
+        ldm_weights.hf_config_from_ldm_config(v_model)
     assert pretrained.load_ldm(str(tmp_path / "ours")).default_clip == "scaled"
     assert pretrained.read_ldm_config(str(tmp_path / "ours")).cross_bias_mode == "mask"
     api.save_workdir(back, tmp_path / "w")

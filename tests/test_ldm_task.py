@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from input_pipeline import ldm_pipeline, records, synthetic, tfds_builders
-from phraseldm_jax import ldm, ldm_task, optim
+from phraseldm_jax import diffusion, ldm, ldm_task, optim
 from phraseldm_jax import songs as song_lib
 from phraseldm_jax.metrics import ldm as ldm_metrics
 
@@ -140,6 +140,39 @@ def test_loss_weights_padding_mask_and_dropout(dataset):
 
     assert with_bars(5, 0.999999) == with_bars(100, 0.999999)
     assert with_bars(5, 0.0) != with_bars(100, 0.0)
+
+
+def test_v_prediction_loss_and_the_noise_it_implies(dataset):
+    """A v_prediction model: the loss is the MSE of its output against v, and the samplers get
+    the noise it implies, which is exact even where abar_t is about 0 (t = 999)."""
+    _, _, data_dir = dataset
+    config = _config(data_dir)
+    config.model.prediction_type = "v_prediction"
+    cfg = ldm_task.ldm_config(config)
+    params, batch = _params(data_dir), _batch(data_dir)
+    x0 = jnp.asarray(batch["latents"])
+    noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+    t = jnp.asarray([0, 400, 900, 999])
+    v = diffusion.v_target(x0, noise, t)
+    x_t = diffusion.add_noise(x0, noise, t)
+    np.testing.assert_allclose(diffusion.eps_from_v(x_t, v, t), noise, atol=2e-5)
+    abar = diffusion.reference_schedule().alphas_cumprod[np.asarray(t)][:, None, None]
+    x0_back = np.sqrt(abar) * np.asarray(x_t) - np.sqrt(1 - abar) * np.asarray(v)
+    np.testing.assert_allclose(x0_back, x0, atol=2e-5)
+
+    cond = ldm.conditions_from_batch(batch)
+    out = ldm.model_output(params, cfg, x_t, t, cond)
+    eps = ldm.predict_noise(params, cfg, x_t, t, cond)
+    np.testing.assert_allclose(eps, diffusion.eps_from_v(x_t, out, t), atol=1e-6)
+    loss, metrics = ldm_task.noise_prediction_loss(params, cfg, batch, t, noise)
+    expected = np.mean(np.square(np.asarray(out) - np.asarray(v)))
+    np.testing.assert_allclose(float(metrics["mse"]), expected, rtol=1e-5)
+    assert float(loss) == float(metrics["mse"])
+    # The same weights as an epsilon model: only the output's meaning differs.
+    eps_cfg = ldm_task.ldm_config(_config(data_dir))
+    np.testing.assert_array_equal(ldm.model_output(params, eps_cfg, x_t, t, cond), out)
+    with pytest.raises(ValueError, match="prediction_type"):
+        ldm.PhraseLDMConfig(prediction_type="x0")
 
 
 def test_training_lowers_the_loss(dataset):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 
 import mido
+import pytest
 
 from phraseldm_jax import songs
 
@@ -78,3 +79,22 @@ def test_write_midi_writes_each_note_once_and_ends_with_the_last_bar(tmp_path):
     assert len(spots) == 5
     assert max(collections.Counter(spots).values()) == 1
     assert end == 2 * 4 * ticks_per_beat  # the held note ends with bar 2
+
+
+def test_slot_reading_counts_bars_by_position_up_to_the_first_sep():
+    """A bar-line slot decoded as a phrase merges two bars in the token reading (SPEC); the
+    slot reading keeps the layout's bars (the bar slot's phrase is not read) and ends at the
+    model's first [SEP] slot, the bar it falls in included when it started."""
+    note = "i-0 o-0 p-60 d-12"
+    slots = [note, "[INST]", "[INST]", "i-13 o-0 p-72 d-6"]  # bar 0: no b-1
+    slots += [note, "[INST]", "[INST]", "b-1"]  # bar 1
+    slots += [note, "[SEP]", "[SEP]", "[SEP]"] + ["[SEP]"] * 4  # bar 2 ends the song
+    tokens = songs.song_from_slots(slots)
+    by_slot = songs.song_from_slots(slots, reading="slots")
+    assert tokens.n_bars == 1  # bars 0 and 1 merged, bar 2 unfinished
+    assert (by_slot.n_bars, by_slot.bars_before_sep) == (3, 3)
+    assert by_slot.text == " ".join([note, "b-1"] * 3)
+    assert songs.slot_bars(slots[:8] + ["[SEP]"] * 8) == 2
+    assert songs.slot_bars([note] * 8) == 2  # no [SEP]: every slot
+    with pytest.raises(ValueError, match="reading"):
+        songs.song_from_slots(slots, reading="bars")

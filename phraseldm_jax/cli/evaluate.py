@@ -48,11 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--loss_batches", type=int, help=f"validation-loss batches, 0 = skip {KEEP}"
     )
+    parser.add_argument(
+        "--reading",
+        choices=("tokens", "slots"),
+        help="how decoded slots make bars: tokens = one bar per b-1 before the first [SEP] "
+        f"(SPEC), slots = by position up to the model's [SEP] {KEEP}",
+    )
 
 
 EVAL_FLAGS = (
     "sampler", "num_steps", "num_songs", "guidance_scale", "clip", "target_bars", "seed",
-    "songs_dir", "fid_split", "loss_batches",
+    "songs_dir", "fid_split", "loss_batches", "reading",
 )  # fmt: skip
 
 

@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--which", default="best", choices=("best", "latest"), help="checkpoint of each workdir"
     )
     parser.add_argument(
+        "--vae_which",
+        default=None,
+        choices=("best", "latest"),
+        help="checkpoint of the PhraseVAE workdir (default: --which)",
+    )
+    parser.add_argument(
         "--max_mb", type=float, default=25.0, help="refuse a folder larger than this (10^6 B)"
     )
     parser.add_argument(
@@ -99,7 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
 def command_line(args: argparse.Namespace) -> list[str]:
     """The command as shipped.json records it (the flags given, paths as typed)."""
     line = [PROG]
-    for flag in ("vae_workdir", "ldm_workdir", "seccond_workdir", "out", "which", "max_mb",
+    for flag in ("vae_workdir", "ldm_workdir", "seccond_workdir", "out", "which", "vae_which", "max_mb",
                  "train_commit", "readme"):  # fmt: skip
         if getattr(args, flag) is not None:
             line += [f"--{flag}", str(getattr(args, flag))]
@@ -122,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             args.vae_workdir,
             workdirs,
             which=args.which,
+            vae_which=args.vae_which,
             max_mb=args.max_mb,
             overwrite=args.overwrite,
             allow_vae_mismatch=args.allow_vae_mismatch,

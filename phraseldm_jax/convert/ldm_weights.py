@@ -36,7 +36,11 @@ from phraseldm_jax.ldm import PhraseLDMConfig
 # is not the original's convention, so that an exported model samples the same songs when
 # read back.
 CONVENTIONS_KEY = "_phraseldm_jax"
-ORIGINAL_CONVENTIONS = {"clip": "reference", "cross_bias_mode": "additive"}
+ORIGINAL_CONVENTIONS = {
+    "clip": "reference",
+    "cross_bias_mode": "additive",
+    "prediction_type": "epsilon",
+}
 
 HF_CONFIG_KEYS = (
     "model_config",
@@ -287,6 +291,7 @@ def ldm_config_from_hf_config(hf_config: Mapping[str, Any], **overrides) -> Phra
         clip_range=float(hf_config.get("clip_range", PhraseLDMConfig.clip_range)),
         diffusion_steps=int(hf_config.get("diffusion_steps", 1000)),
         cross_bias_mode=conventions["cross_bias_mode"],
+        prediction_type=conventions["prediction_type"],
         train_encoders=False,
     )
     kwargs.update(overrides)
@@ -294,9 +299,9 @@ def ldm_config_from_hf_config(hf_config: Mapping[str, Any], **overrides) -> Phra
 
 
 def conventions_from_hf_config(hf_config: Mapping[str, Any]) -> dict[str, str]:
-    """``{"clip", "cross_bias_mode"}`` of a PhraseLDM config.json: its ``CONVENTIONS_KEY``
-    group, else the original's (``clip="reference"``: the raw clip value applied to scaled
-    latents; additive section bias)."""
+    """``{"clip", "cross_bias_mode", "prediction_type"}`` of a PhraseLDM config.json: its
+    ``CONVENTIONS_KEY`` group, else the original's (``clip="reference"``: the raw clip value
+    applied to scaled latents; additive section bias; the DiT predicts the noise)."""
     group = hf_config.get(CONVENTIONS_KEY) or {}
     if not isinstance(group, Mapping):
         raise ValueError(f"{CONVENTIONS_KEY} must be an object, got {group!r}")
@@ -307,18 +312,33 @@ def conventions_from_hf_config(hf_config: Mapping[str, Any]) -> dict[str, str]:
     clip = conventions["clip"]
     if clip not in diffusion.CLIP_MODES:
         raise ValueError(f"{CONVENTIONS_KEY}.clip must be one of {diffusion.CLIP_MODES}: {clip!r}")
+    if conventions["prediction_type"] not in diffusion.PREDICTION_TYPES:
+        raise ValueError(
+            f"{CONVENTIONS_KEY}.prediction_type must be one of {diffusion.PREDICTION_TYPES}: "
+            f"{conventions['prediction_type']!r}"
+        )
     return conventions
 
 
 def hf_config_from_ldm_config(config: PhraseLDMConfig, clip: str | None = None) -> dict[str, Any]:
     """The original's ``config.json`` contents for ``config``. Given ``clip`` (the mode the
     model samples with), a model whose clip or section bias is not the original's also gets a
-    ``CONVENTIONS_KEY`` group; None writes the original's keys only."""
+    ``CONVENTIONS_KEY`` group; None writes the original's keys only (refused for a
+    v_prediction model, which the original would sample as if it predicted the noise)."""
     extra = {}
+    if clip is None and config.prediction_type != ORIGINAL_CONVENTIONS["prediction_type"]:
+        raise ValueError(
+            f"a {config.prediction_type} PhraseLDM needs its conventions group in config.json "
+            "(pass its clip mode)"
+        )
     if clip is not None:
         if clip not in diffusion.CLIP_MODES:
             raise ValueError(f"clip must be one of {diffusion.CLIP_MODES}, got {clip!r}")
-        conventions = {"clip": clip, "cross_bias_mode": config.cross_bias_mode}
+        conventions = {
+            "clip": clip,
+            "cross_bias_mode": config.cross_bias_mode,
+            "prediction_type": config.prediction_type,
+        }
         if conventions != ORIGINAL_CONVENTIONS:
             extra[CONVENTIONS_KEY] = conventions
     return {

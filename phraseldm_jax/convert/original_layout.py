@@ -369,6 +369,13 @@ def write_ldm_folder(
             "attention logits instead, so it will not reproduce this model's outputs exactly",
             stacklevel=3,
         )
+    if config.prediction_type != "epsilon":
+        warnings.warn(
+            f"{folder}: this model predicts {config.prediction_type} (recorded in config.json's "
+            f"{ldm_weights.CONVENTIONS_KEY} group); the original's code samples it only with "
+            "its scheduler's prediction_type set to match",
+            stacklevel=3,
+        )
     params = permute_section_rows(params, sections.DEFAULT_SECTION_VOCAB, section_vocab)
     tensors = ldm_weights.ldm_state_dict_from_params(params, config)
     os.makedirs(folder, exist_ok=True)
