@@ -351,6 +351,7 @@ def song_entry(name: str, song, requested: int | None, forced: bool) -> dict:
         "n_bars": song.n_bars,
         "bars_before_sep": song.bars_before_sep,
         "short": requested is not None and song.n_bars < requested,
+        "long": requested is not None and song.n_bars > requested,
         "ended_at_sep": song.ended_at_sep,
         "written": False,
         "reason": None,
@@ -387,6 +388,8 @@ def song_line(entry: dict) -> str:
     if entry["short"]:
         why = "ended at [SEP]" if entry["ended_at_sep"] else "no [SEP], fewer b-1 in its slots"
         line += f", asked for {entry['requested_bars']} ({why})"
+    elif entry.get("long"):
+        line += f", asked for {entry['requested_bars']} (the model ended it later)"
     if entry.get("note"):
         line += f" ({entry['note']})"
     if entry["written"] and not entry["n_notes"]:
@@ -483,6 +486,7 @@ def run(args, model, decoder, log=print) -> dict:
     log(
         f"{written} of {len(songs_out)} songs written to {args.out}, bars {bars}"
         + (f", {short} shorter than the requested {target}" if short else "")
+        + (f", {long_} longer" if (long_ := sum(s["long"] for s in songs_out)) else "")
     )
     if short:
         log(

@@ -393,3 +393,13 @@ def test_a_song_of_silent_bars_lasts_to_its_last_bar(tmp_path, capsys):
     song = json.loads((out / "summary.json").read_text())["songs"][0]
     assert (song["written"], song["n_notes"]) == (True, 0)
     assert mido.MidiFile(str(out / "song_000.mid")).length == pytest.approx(3 * 2.0, abs=1e-3)
+
+
+def test_a_song_longer_than_asked_is_said():
+    song = songs.song_from_slots([ldm_fixtures.ONE_NOTE_BAR, "[INST]", "[INST]", "b-1"] * 3)
+    entry = sample.song_entry("song_007", song, 2, forced=False)
+    assert (entry["long"], entry["short"], entry["n_bars"]) == (True, False, 3)
+    assert sample.song_line(entry).startswith(
+        "song_007: 3 bars, asked for 2 (the model ended it later), 3 notes -> song_007.mid"
+    )
+    assert not sample.song_entry("song_008", song, 3, forced=False)["long"]

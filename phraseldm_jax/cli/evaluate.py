@@ -65,7 +65,7 @@ EVAL_FLAGS = (
 def run(args: argparse.Namespace) -> int:
     # Only the eval.* flags: the entry point's dispatcher adds its own entries to ``args``.
     overrides = {k: getattr(args, k) for k in EVAL_FLAGS if hasattr(args, k)}
-    workdir, which, out = args.workdir, args.which, args.out
+    workdir, which, out = args.workdir, args.which, getattr(args, "out", None)
     try:  # an LDM workdir, checked before anything loads
         checkpointing.read_workdir_config(workdir, "dit")
     except (FileNotFoundError, ValueError) as error:
