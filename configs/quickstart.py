@@ -60,6 +60,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         "train.progress=True",
         "eval.num_songs=0",
         "optim.lr=1e-3",
+        "model.prediction_type=v_prediction",  # learns where songs end (docs/LDM_LENGTH.md)
     )
 
     config.sample = ml_collections.ConfigDict()
@@ -67,12 +68,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.sample.bars = 32
     config.sample.sampler = "dpmpp_2m"
     config.sample.steps = 50
-    # The default preset's LDM trains for minutes: it learns the phrases but not yet where a
-    # song ends (its songs stop at an early decoded [SEP] after 0-2 bars), so the songs are
-    # written at the requested length, read by position (sample.py --force_length; summary.json
-    # keeps the model's own length as bars_before_sep). The pop909 preset writes what the model
-    # generates.
-    config.sample.force_length = True
+    # Songs end where the model ends them (the v-prediction LDM of the default preset learns
+    # its length in minutes: 32, 32, 31, 32 bars asked for 32); True writes the requested bars
+    # by position whatever the model did (sample.py --force_length).
+    config.sample.force_length = False
     config.sample.tempo = 100.0
     config.sample.seed = 0
     # Songs from the models shipped in pretrained/pop909-small (seconds), written last into
