@@ -1,7 +1,8 @@
 """The PhraseLDM training task: diffusion loss and periodic generation with song metrics.
 
 - ``diffusion_loss``: t ~ U{0..999}, x_t = add_noise(x0, eps, t), MSE between the predicted
-  and the true noise over all 512 positions (the reference), or over the song's own rows
+  and the true noise (or v, for ``model.prediction_type = "v_prediction"``) over all 512
+  positions (the reference), or over the song's own rows
   (``train.mask_padding``). ``train.cond_dropout`` > 0 replaces the conditions of that share of
   songs by the null condition (``ldm.predict_noise``), so that classifier-free guidance
   is possible at sampling time; 0 (the reference) never does.
@@ -103,7 +104,7 @@ def diffusion_loss(
     cond_dropout: float = 0.0,
     mask_padding: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The diffusion MSE (``noise_prediction_loss``) of one ``ldm_pipeline`` batch, its randomness drawn from ``rng``
+    """The diffusion MSE of one ``ldm_pipeline`` batch, its randomness drawn from ``rng``
     (timesteps, noise, condition dropout, the section encoder's dropout): see
     ``noise_prediction_loss``."""
     x0 = batch["latents"]
