@@ -275,21 +275,12 @@ def model_output(
 
 
 def predict_noise(
-    params: Any,
-    config: PhraseLDMConfig,
-    x: jax.Array,
-    t: jax.Array,
-    cond: Conditions,
-    null: jax.Array | None = None,
-    *,
-    deterministic: bool = True,
-    dropout_rng: jax.Array | None = None,
-) -> jax.Array:
-    """The predicted noise of ``model_output`` (converted from v for a v_prediction model),
-    what every sampler steps with."""
-    out = model_output(
-        params, config, x, t, cond, null, deterministic=deterministic, dropout_rng=dropout_rng
-    )
+    params: Any, config: PhraseLDMConfig, x: jax.Array, t: jax.Array, cond: Conditions, null=None,
+    **kwargs,
+) -> jax.Array:  # fmt: skip
+    """The predicted noise of ``model_output`` (same arguments; converted from v for a
+    v_prediction model), what every sampler steps with."""
+    out = model_output(params, config, x, t, cond, null, **kwargs)
     if config.prediction_type == "v_prediction":
         out = diffusion.eps_from_v(x, out, jnp.broadcast_to(jnp.asarray(t), x.shape[:1]))
     return out

@@ -69,7 +69,10 @@ def ldm_config(config: ml_collections.ConfigDict) -> ldm.PhraseLDMConfig:
             "config.model.scale_factor and clip_range are not set; call "
             "ldm_task.resolve_config(config) first (they come from the latent dataset)"
         )
-    return ldm.PhraseLDMConfig(**model)
+    try:
+        return ldm.PhraseLDMConfig(**model)
+    except (TypeError, ValueError) as error:  # a config mistake: one line from the scripts
+        raise ConfigError(f"config.model: {error}") from None
 
 
 def resolve_config(config: ml_collections.ConfigDict, stats: Mapping | None = None) -> None:
@@ -80,7 +83,10 @@ def resolve_config(config: ml_collections.ConfigDict, stats: Mapping | None = No
     ``ldm.frozen_patterns`` of the model config.
     """
     if stats is None and (config.model.scale_factor <= 0 or config.model.clip_range <= 0):
-        stats = latent_records.read_stats(config.data.latent_dir)
+        try:
+            stats = latent_records.read_stats(config.data.latent_dir)
+        except FileNotFoundError as error:
+            raise ConfigError(f"data.latent_dir: {error}") from None
     if config.model.scale_factor <= 0:
         config.model.scale_factor = float(stats["scale_factor"])
     if config.model.clip_range <= 0:

@@ -144,6 +144,24 @@ def test_unknown_config_key_names_the_closest(script):
     assert not os.path.exists("/tmp/never_written")
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config.data.latent_dir=/tmp/no_latents_here"],
+         "data.latent_dir: /tmp/no_latents_here/stats.json not found"),
+        (["--config.model.scale_factor=1.0", "--config.model.clip_range=3.0",
+          "--config.model.prediction_type=x0"],
+         "config.model: PhraseLDMConfig.prediction_type must be one of"),
+    ],
+)  # fmt: skip
+def test_train_ldm_data_and_model_mistakes_are_one_line(flags, message, tmp_path):
+    workdir = tmp_path / "never"
+    done = _run("train_ldm.py", "--config", "configs/ldm_lencond.py:tiny", "--workdir",
+                str(workdir), *flags)  # fmt: skip
+    _one_line_error(done, "train_ldm.py", message)
+    assert not workdir.exists()
+
+
 def test_reconstruct_reads_pop909_as_prepare_does(folders, tmp_path):
     """The POP909 layout picks the POP909 importer: three tracks kept apart (programs 13, 25,
     0 although the file has program 0 three times), its bars, its key back in the output."""
